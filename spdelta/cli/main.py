@@ -15,9 +15,19 @@ __all__ = ["build_parser", "main", "merge_main"]
 
 
 def _commands() -> dict[str, ModuleType]:
-    from spdelta.cli import compose, convert, demo, inspect, merge, quantize, validate
+    from spdelta.cli import (
+        apply,
+        compose,
+        convert,
+        demo,
+        extract,
+        inspect,
+        merge,
+        quantize,
+        validate,
+    )
 
-    mods = [demo, inspect, validate, merge, compose, quantize, convert]
+    mods = [demo, inspect, validate, merge, compose, quantize, convert, apply, extract]
     return {m.NAME: m for m in mods}
 
 

@@ -1,4 +1,4 @@
-"""Hugging Face models and checkpoints: apply, remove, extract; name mapping and tied weights."""
+"""Hugging Face models and checkpoints: apply, remove, extract; names, tied weights, SHiRA."""
 
 from spdelta.hf._names import resolve_names
 from spdelta.hf.checkpoint import CheckpointError, apply_to_checkpoint, checkpoint_shards
@@ -11,15 +11,19 @@ from spdelta.hf.model import (
     remove_from_model,
     tied_aliases,
 )
+from spdelta.hf.shira import AdapterError, export_shira, import_shira
 
 __all__ = [
+    "AdapterError",
     "BaseMismatchError",
     "CheckpointError",
     "apply_to_checkpoint",
     "apply_to_model",
     "checkpoint_shards",
+    "export_shira",
     "extract_delta",
     "fingerprint",
+    "import_shira",
     "model_prefixes",
     "remove_from_model",
     "resolve_names",

@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from spdelta.delta import SparseDelta
 from spdelta.errors import BaseMismatchError, OutputExistsError, ShapeError, SpdeltaError
@@ -141,6 +142,7 @@ def apply_to_checkpoint(
     alpha: float = 1.0,
     overwrite: bool = False,
     check_base: bool = True,
+    progress: bool = False,
 ) -> None:
     """Write ``base + alpha * delta`` as a new checkpoint directory, one shard at a time.
 
@@ -158,6 +160,7 @@ def apply_to_checkpoint(
         alpha: Scale of the delta.
         overwrite: Replace ``out`` if it exists.
         check_base: Refuse when the delta's fingerprint does not match ``base``.
+        progress: Show a tqdm progress bar over the shards.
 
     Raises:
         CheckpointError, KeyMismatchError, ShapeError, BaseMismatchError, OutputExistsError.
@@ -181,7 +184,7 @@ def apply_to_checkpoint(
     by_key = {key: name for name, key in mapping.items()}
     samples: dict[str, bytes] = {}  # a few KiB per tensor, for the fingerprint
     with _atomic_dir(out_path, overwrite) as tmp:
-        for shard, names in shards.items():
+        for shard, names in tqdm(shards.items(), desc="apply", unit="shard", disable=not progress):
             tensors = {}
             with safe_open(str(root / shard), framework="pt") as f:
                 meta = f.metadata()
