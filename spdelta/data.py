@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from spdelta.errors import DataError
 from spdelta.hf.assets import package_file
 
 __all__ = [
@@ -15,12 +17,16 @@ __all__ = [
     "batches",
     "encode_prompt_response",
     "load_rotten_tomatoes",
+    "load_table",
+    "prompt_response_pairs",
     "sentiment_accuracy",
     "sentiment_prompt",
 ]
 
 #: Label id -> the response word the model is trained to answer.
 SENTIMENT_WORDS = ("negative", "positive")
+#: The system message of the sentiment task's chat prompts.
+SENTIMENT_SYSTEM = "You classify sentiment."
 RT_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"
 
 
@@ -79,26 +85,30 @@ def sentiment_prompt(text: str) -> str:
     return f"Is this movie review positive or negative?\nReview: {text}"
 
 
-def _prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+def _prompt_ids(tokenizer: Any, prompt: str, system: str | None) -> list[int]:
     if getattr(tokenizer, "chat_template", None):
-        messages = [
-            {"role": "system", "content": "You classify sentiment."},
-            {"role": "user", "content": prompt},
-        ]
+        messages = [{"role": "system", "content": system}] if system else []
+        messages.append({"role": "user", "content": prompt})
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
     return list(tokenizer(prompt + "\nAnswer:", add_special_tokens=True)["input_ids"])
 
 
 def encode_prompt_response(
-    tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], *, max_length: int = 128
+    tokenizer: Any,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    *,
+    max_length: int = 128,
+    system: str | None = None,
 ) -> dict[str, Any]:
     """Tokenise prompt/response pairs for causal-LM training with loss on the response only.
 
-    The prompt goes through the tokenizer's chat template when it has one; the
-    response is followed by EOS. Sequences are left-padded, so every response ends
-    at the last position, and prompts are truncated from the left so the response
-    always fits. Only the last ``K = longest response + 1`` positions produce
+    The prompt goes through the tokenizer's chat template when it has one (as the
+    user turn, after an optional ``system`` turn); without a template it is followed
+    by ``"\\nAnswer:"``. The response is followed by EOS. Sequences are left-padded,
+    so every response ends at the last position, and prompts are truncated from the
+    left so the response always fits. Only the last ``K = longest response + 1`` positions produce
     logits (``logits_to_keep``), which skips the vocabulary projection everywhere
     else: ``shift_labels[b, j]`` is the token that kept position ``j`` must
     predict, ``-100`` where no loss applies. The result holds exactly the keyword
@@ -110,6 +120,7 @@ def encode_prompt_response(
         prompts: Instruction texts.
         responses: Target texts, one per prompt.
         max_length: Maximum tokens per sequence.
+        system: System message for chat templates (``None``: the template's default).
 
     Returns:
         ``input_ids``, ``attention_mask``, ``position_ids`` (``(B, T)`` int64),
@@ -123,7 +134,7 @@ def encode_prompt_response(
     for prompt, response in zip(prompts, responses, strict=True):
         answer = list(tokenizer(response, add_special_tokens=False)["input_ids"])
         answer += [eos] if eos is not None else []
-        rows.append((_prompt_ids(tokenizer, prompt)[-(max_length - len(answer)) :], answer))
+        rows.append((_prompt_ids(tokenizer, prompt, system)[-(max_length - len(answer)) :], answer))
     width = max(len(p) + len(a) for p, a in rows)
     keep = max(len(a) for _, a in rows) + 1
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
@@ -170,6 +181,7 @@ def batches(
             [sentiment_prompt(t) for t in rows["text"]],
             [SENTIMENT_WORDS[y] for y in rows["label"]],
             max_length=max_length,
+            system=SENTIMENT_SYSTEM,
         )
 
 
@@ -224,3 +236,160 @@ def sentiment_accuracy(
         truth = (targets[rows, first] == word_ids[1]).long()
         correct += int((scores.argmax(dim=1) == truth).sum())
     return correct / len(dataset)
+
+
+_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json",
+             ".parquet": "parquet"}
+_COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
+_RESPONSE_COLUMNS = ("response", "completion", "output", "answer")
+_PROMPT_COLUMNS = ("prompt", "instruction", "question", "input")
+
+
+def load_table(source: str, *, split: str = "train") -> Any:
+    """Read training rows with ``datasets``: a data file, a saved dataset, or a dataset name.
+
+    - a ``.csv``/``.tsv``/``.json``/``.jsonl``/``.parquet`` file (optionally ``.gz``,
+      ``.bz2``, ``.xz`` or ``.zst`` compressed);
+    - a directory written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``;
+    - any other directory or name goes to ``datasets.load_dataset(source,
+      split=split)`` (a hub name works when the hub or the local cache has it).
+
+    Args:
+        source: Path or dataset name.
+        split: The split to take from dataset dicts and named datasets.
+
+    Returns:
+        A ``datasets.Dataset``.
+
+    Raises:
+        DataError: The file type is unknown, or the source cannot be read.
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> path = Path(tempfile.mkdtemp()) / "rows.jsonl"
+        >>> _ = path.write_text('{"prompt": "2+2?", "response": "4"}\\n')
+        >>> load_table(str(path))[0]
+        {'prompt': '2+2?', 'response': '4'}
+    """
+    import datasets
+
+    path = Path(source)
+    try:
+        if path.is_file():
+            suffixes = [x.lower() for x in path.suffixes]
+            if suffixes and suffixes[-1] in _COMPRESSED:
+                suffixes.pop()
+            kind = _BUILDERS.get(suffixes[-1] if suffixes else "")
+            if kind is None:
+                raise DataError(f"data file {source!r}: expected a .csv, .tsv, .json, .jsonl or "
+                                f".parquet file; found suffix {''.join(path.suffixes)!r}. "
+                                "Convert it, or pass a dataset directory or name.")
+            extra = {"delimiter": "\t"} if suffixes[-1] == ".tsv" else {}
+            return datasets.load_dataset(kind, data_files=str(path), split="train", **extra)
+        if path.is_dir() and ((path / "dataset_info.json").is_file()
+                              or (path / "dataset_dict.json").is_file()):
+            loaded = datasets.load_from_disk(str(path))
+            return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        return datasets.load_dataset(source, split=split)
+    except DataError:
+        raise
+    except Exception as e:  # datasets raises many types (FileNotFoundError, ConnectionError...)
+        raise DataError(f"data {source!r}: cannot be read with datasets ({type(e).__name__}: "
+                        f"{e}). Pass a local .csv/.json/.jsonl/.parquet file, a directory "
+                        "from save_to_disk, or a dataset name in the local cache.") from e
+
+
+def _pick(columns: Sequence[str], given: str | None, defaults: Sequence[str]) -> str | None:
+    if given is not None:
+        return given if given in columns else None
+    return next((c for c in defaults if c in columns), None)
+
+
+def prompt_response_pairs(
+    dataset: Any,
+    *,
+    prompt_column: str | None = None,
+    response_column: str | None = None,
+    text_column: str = "text",
+    label_column: str = "label",
+    label_names: Sequence[str] | None = None,
+    template: str | None = None,
+) -> tuple[list[str], list[str], str]:
+    """Turn rows into ``(prompts, responses)`` for :func:`encode_prompt_response`.
+
+    Two formats, detected from the columns:
+
+    - **prompt + response**: a response column (``response_column``, else the first
+      of ``response``, ``completion``, ``output``, ``answer``) and a prompt column
+      (``prompt_column``, else ``prompt``, ``instruction``, ``question``, ``input``).
+      The loss is on the response.
+    - **text + label**: ``text_column`` and ``label_column``. The response is the
+      label's name: ``label_names[label]`` when given, else the dataset's
+      ``ClassLabel`` names, else ``str(label)``.
+
+    ``template`` (a ``str.format`` string over the row's columns, e.g.
+    ``"Review: {text}\\nSentiment?"``) builds the prompt; by default it is the prompt
+    (or text) column as is.
+
+    Args:
+        dataset: A ``datasets.Dataset`` (or any sequence of dict rows with
+            ``column_names``).
+        prompt_column: Column of prompts (prompt + response format).
+        response_column: Column of responses (prompt + response format).
+        text_column: Column of texts (text + label format).
+        label_column: Column of labels (text + label format).
+        label_names: Label id -> response text (text + label format).
+        template: Prompt template over the row's columns.
+
+    Returns:
+        ``(prompts, responses, format)`` with ``format`` ``"prompt_response"`` or
+        ``"text_label"``.
+
+    Raises:
+        DataError: No format's columns are present, a label has no name, or the
+            template names a missing column.
+
+    Example:
+        >>> import datasets
+        >>> ds = datasets.Dataset.from_dict({"text": ["good", "bad"], "label": [1, 0]})
+        >>> prompt_response_pairs(ds, label_names=["neg", "pos"])
+        (['good', 'bad'], ['pos', 'neg'], 'text_label')
+    """
+    columns = list(dataset.column_names)
+    response = _pick(columns, response_column, _RESPONSE_COLUMNS)
+    prompt = _pick(columns, prompt_column, _PROMPT_COLUMNS)
+    if response is not None and (prompt is not None or template is not None):
+        fmt, source = "prompt_response", prompt
+        responses = [str(r) for r in dataset[response]]
+    elif text_column in columns and label_column in columns:
+        fmt, source = "text_label", text_column
+        names = list(label_names) if label_names is not None else None
+        feature: Any = (getattr(dataset, "features", None) or {}).get(label_column)
+        if names is None and hasattr(feature, "names"):
+            names = list(feature.names)
+        labels = dataset[label_column]
+        if names is not None:
+            bad = [y for y in labels if not (isinstance(y, int) and 0 <= y < len(names))]
+            if bad:
+                raise DataError(f"label column {label_column!r}: expected ids in [0, "
+                                f"{len(names)}) to index the label names {names}; found "
+                                f"{bad[0]!r}. Pass --label-names with a name for every id.")
+            responses = [names[y] for y in labels]
+        else:
+            responses = [str(y) for y in labels]
+    else:
+        raise DataError(f"training data: expected columns prompt + response "
+                        f"({'/'.join(_PROMPT_COLUMNS)} + {'/'.join(_RESPONSE_COLUMNS)}) "
+                        f"or {text_column!r} + {label_column!r}; found {columns}. Name "
+                        "the columns with --prompt-column/--response-column or "
+                        "--text-column/--label-column.")
+    if template is None:
+        prompts = [str(p) for p in dataset[source]]
+    else:
+        try:
+            prompts = [template.format(**row) for row in dataset]
+        except (KeyError, IndexError) as e:
+            raise DataError(f"prompt template {template!r}: names {e} which is not a column; "
+                            f"columns are {columns}.") from e
+    return prompts, responses, fmt

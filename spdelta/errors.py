@@ -17,6 +17,7 @@ from collections.abc import Iterable
 __all__ = [
     "BaseMismatchError",
     "ContainerError",
+    "DataError",
     "DtypeError",
     "FormatError",
     "IndexOrderError",
@@ -127,6 +128,10 @@ class BaseMismatchError(SpdeltaError):
 
 class OutputExistsError(SpdeltaError, FileExistsError):
     """The output path exists and overwriting was not allowed."""
+
+
+class DataError(SpdeltaError):
+    """Training data cannot be read, or lacks the columns its format needs."""
 
 
 class ParameterError(SpdeltaError):

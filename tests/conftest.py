@@ -74,3 +74,46 @@ def token_batch() -> dict[str, torch.Tensor]:
     """A fixed batch of 3 sequences of 8 tokens with labels (vocab 64)."""
     ids = torch.randint(0, 64, (3, 8), generator=torch.Generator().manual_seed(1))
     return {"input_ids": ids, "labels": ids}
+
+
+def save_tiny_lm(path: str, *, chat_template: bool = False) -> str:
+    """Save a tiny float32 Llama with a real byte-level BPE tokenizer (no merges) to ``path``.
+
+    The tokenizer maps every byte to its own token (ids 0..255) plus ``<pad>``,
+    ``<s>``, ``</s>``, so any text encodes; with ``chat_template`` it also carries a
+    minimal chat template. Everything is built locally (no hub).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    for tok in ("<pad>", "<s>", "</s>"):
+        vocab[tok] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>",
+                                  pad_token="<pad>")
+    if chat_template:
+        tok.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n"
+                             "{% endfor %}{% if add_generation_prompt %}<s>assistant: {% endif %}")
+    tok.save_pretrained(path)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=len(vocab),
+                      max_position_embeddings=128, pad_token_id=vocab["<pad>"],
+                      bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"])
+    fixed_init_(LlamaForCausalLM(cfg)).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A saved tiny causal LM with a byte-level tokenizer (no chat template)."""
+    return save_tiny_lm(str(tmp_path_factory.mktemp("tiny_lm")))
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Like ``tiny_lm_dir``, with a chat template in the tokenizer."""
+    return save_tiny_lm(str(tmp_path_factory.mktemp("tiny_chat_lm")), chat_template=True)

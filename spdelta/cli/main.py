@@ -24,10 +24,11 @@ def _commands() -> dict[str, ModuleType]:
         inspect,
         merge,
         quantize,
+        train,
         validate,
     )
 
-    mods = [demo, inspect, validate, merge, compose, quantize, convert, apply, extract]
+    mods = [demo, train, inspect, validate, merge, compose, quantize, convert, apply, extract]
     return {m.NAME: m for m in mods}
 
 

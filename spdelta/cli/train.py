@@ -1,0 +1,106 @@
+"""``spdelta train --model DIR --data FILE -o d.st``: train a sparse delta on an HF model."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+from spdelta.cli._common import new_parser, print_json
+
+NAME = "train"
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(","))
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``train``."""
+    from spdelta.salience import METRICS
+    from spdelta.train.job import TrainConfig
+
+    d = TrainConfig(model="", data="", output="")
+    p = new_parser(
+        subparsers, NAME,
+        "train a sparse delta (SPEFT or SpIEL) on a Hugging Face causal LM checkpoint",
+        ["spdelta train --model ckpt/ --data train.jsonl -o d.st --steps 200",
+         "spdelta train --model ckpt/ --data reviews.csv --label-names negative,positive "
+         "--density 0.005 --epochs 2 -o sentiment.st",
+         "spdelta train --model ckpt/ --data rows.json --method spiel --regrowth ma -o d.st",
+         "spdelta train ... --checkpoint-every 50 --resume   # continue an interrupted run",
+         "torchrun --standalone --nproc_per_node 2 -m spdelta train --model ckpt/ "
+         "--data d.jsonl -o d.st"])
+    p.add_argument("--model", required=True, help="checkpoint directory (or cached hub id)")
+    p.add_argument("--data", required=True,
+                   help=".csv/.tsv/.json/.jsonl/.parquet file, save_to_disk dir, or dataset name")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="delta file to write")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    g = p.add_argument_group("method")
+    g.add_argument("--method", choices=["speft", "spiel"], default=d.method,
+                   help=f"default {d.method}")
+    g.add_argument("--metric", choices=sorted(METRICS), default=d.metric,
+                   help=f"SPEFT salience (default {d.metric})")
+    budget = g.add_mutually_exclusive_group()
+    budget.add_argument("--density", type=float, help="fraction of target entries (default 0.01)")
+    budget.add_argument("--lora-rank", type=int, help="as many entries as a rank-r LoRA")
+    g.add_argument("--targets", default=d.targets,
+                   help="'all-linear', module suffixes or a regex (default all-linear)")
+    g.add_argument("--regrowth", choices=["ag", "ma"], default=d.regrowth,
+                   help="SpIEL regrowth (default ag)")
+    g.add_argument("--update-every", type=int, default=d.update_every,
+                   help=f"SpIEL steps between regrowths (default {d.update_every})")
+    g.add_argument("--accumulate-steps", type=int, default=d.accumulate_steps,
+                   help=f"SpIEL-AG gradient window (default {d.accumulate_steps})")
+    g.add_argument("--calibration-examples", type=int, default=d.calibration_examples,
+                   help=f"SPEFT scoring examples (default {d.calibration_examples})")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--lr", type=float, default=d.lr, help=f"default {d.lr}")
+    o.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    length = o.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="optimizer steps")
+    length.add_argument("--epochs", type=float, help="passes over the data (default 1)")
+    o.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help=f"global batch (default {d.batch_size})")
+    o.add_argument("--max-length", type=int, default=d.max_length,
+                   help=f"tokens per sequence (default {d.max_length})")
+    o.add_argument("--bf16", action="store_true", help="bfloat16 base (fast on GPUs/avx512_bf16)")
+    o.add_argument("--nf4", action="store_true", help="4-bit NF4 base targets (needs torchao)")
+    o.add_argument("--seed", type=int, default=d.seed, help=f"default {d.seed}")
+    f = p.add_argument_group("data format")
+    f.add_argument("--split", default=d.split, help=f"default {d.split}")
+    f.add_argument("--prompt-column", help="default: prompt/instruction/question/input")
+    f.add_argument("--response-column", help="default: response/completion/output/answer")
+    f.add_argument("--text-column", default=d.text_column, help="text + label format")
+    f.add_argument("--label-column", default=d.label_column, help="text + label format")
+    f.add_argument("--label-names", type=_names,
+                   help="comma-separated response text per label id (e.g. negative,positive)")
+    f.add_argument("--template", help="prompt template over the columns, e.g. 'Review: {text}'")
+    f.add_argument("--system", help="system message for chat templates")
+    c = p.add_argument_group("checkpoints")
+    c.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help=f"steps between checkpoints, 0 for none (default {d.checkpoint_every})")
+    c.add_argument("--checkpoint-dir", help="default OUT.ckpt")
+    c.add_argument("--resume", action="store_true", help="continue from the checkpoint if any")
+    c.add_argument("--stop-after", type=int, help="stop after N steps in this run (resumable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=int, help="torch threads")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the job; print a summary. 0 on success (also when stopped by ``--stop-after``)."""
+    import torch
+
+    from spdelta.train.job import TrainConfig, train_job
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    opts = {k: v for k, v in vars(args).items() if k in fields}
+    opts["progress"] = not args.no_progress
+    summary = train_job(TrainConfig(**opts), say=(lambda _: None) if args.json else print)
+    if args.json:
+        print_json(summary)
+    return 0

@@ -1,0 +1,79 @@
+"""``spdelta train`` under ``torchrun`` (2 processes, gloo) equals the single-process run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from spdelta.cli.main import main
+
+pytestmark = pytest.mark.hf
+
+
+@pytest.fixture(scope="module")
+def sums(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Prompt/response rows whose responses all have 2 tokens (a digit and EOS), so the
+    mean of the ranks' mean losses is the global batch's mean loss."""
+    path = tmp_path_factory.mktemp("data") / "sums.jsonl"
+    gen = torch.Generator().manual_seed(0)
+    with open(path, "w") as f:
+        for a, b in torch.randint(0, 5, (32, 2), generator=gen).tolist():
+            f.write(json.dumps({"prompt": f"add {a} {b}", "response": str(a + b)}) + "\n")
+    return path
+
+
+def _args(model: str, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--model", model, "--data", str(data), "-o", str(out), "--batch-size", "4",
+            "--max-length", "32", "--calibration-examples", "8", "--density", "0.05", "--lr",
+            "0.01", "--steps", "6", "--no-progress", "--checkpoint-every", "0", *extra]
+
+
+def _torchrun(args: list[str]) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "spdelta", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+
+
+def _same_run(a: Path, b: Path) -> None:
+    ta, tb = _tensors(a), _tensors(b)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        if k.endswith("::idx"):
+            assert torch.equal(ta[k], tb[k]), f"{k}: supports differ"
+        else:
+            torch.testing.assert_close(ta[k], tb[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("method", ["speft", "spiel"])
+def test_two_processes_equal_one(tiny_lm_dir: str, sums: Path, tmp_path: Path,
+                                 method: str) -> None:
+    extra = ["--method", method, "--update-every", "2", "--accumulate-steps", "2"]
+    assert main(_args(tiny_lm_dir, sums, tmp_path / "one.st", *extra)) == 0
+    _torchrun(_args(tiny_lm_dir, sums, tmp_path / "two.st", *extra))
+    _same_run(tmp_path / "one.st", tmp_path / "two.st")
+    summary = json.loads((tmp_path / "two.st.log.json").read_text())["summary"]
+    assert summary["world_size"] == 2
+
+
+def test_checkpoint_from_two_processes_resumes_in_one(tiny_lm_dir: str, sums: Path,
+                                                      tmp_path: Path) -> None:
+    extra = ["--method", "spiel", "--update-every", "2", "--accumulate-steps", "2"]
+    assert main(_args(tiny_lm_dir, sums, tmp_path / "one.st", *extra)) == 0
+    _torchrun(_args(tiny_lm_dir, sums, tmp_path / "two.st", *extra, "--stop-after", "3"))
+    assert not (tmp_path / "two.st").exists()
+    assert main(_args(tiny_lm_dir, sums, tmp_path / "two.st", *extra, "--resume")) == 0
+    _same_run(tmp_path / "one.st", tmp_path / "two.st")
