@@ -17,7 +17,7 @@ from torch import Tensor
 
 from spdelta.errors import ParameterError
 from spdelta.functional import accumulate_dtype
-from spdelta.ops._common import promoted_dtype, union_sum
+from spdelta.ops._common import promoted_dtype, sorted_union, union_sum
 from spdelta.ops.sparsify import drop_random, trim_magnitude, trim_outliers
 
 __all__ = [
@@ -41,7 +41,7 @@ def _consensus(indices: Sequence[Tensor], values: Sequence[Tensor], weights: Seq
                *, normalize: bool) -> Pair:
     """TIES elect + disjoint merge (mergekit's ``get_mask(method="sum")`` semantics)."""
     device = indices[0].device
-    union, inverse = torch.unique(torch.cat(list(indices)), sorted=True, return_inverse=True)
+    union, inverse = sorted_union(indices)
     wv = torch.cat([v * w for v, w in zip(values, weights, strict=True)])  # (sum nnz,)
     zeros = torch.zeros(union.numel(), dtype=wv.dtype, device=device)
     total = zeros.index_add(0, inverse, wv)
