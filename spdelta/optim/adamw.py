@@ -17,12 +17,15 @@ class AdamWState(NamedTuple):
     """State of :func:`adamw`.
 
     Attributes:
-        count: Number of updates taken (a Python int; bias correction uses it).
+        steps: Name -> number of updates each entry has taken, int32, aligned with the
+            values (bias correction uses it). Per entry, so that an entry that SpIEL
+            regrows (:func:`~spdelta.optim.remap_state` resets it to 0) is corrected as
+            a fresh Adam parameter while the survivors keep their count.
         mu: Name -> first moment, same shape as the values, fp32 (fp64 for fp64 values).
         nu: Name -> second moment, same shape and dtype as ``mu``.
     """
 
-    count: int
+    steps: Values
     mu: Values
     nu: Values
 
@@ -40,14 +43,15 @@ def adamw(
 ) -> Transform:
     """AdamW (decoupled weight decay) on the 1-D values of a sparse delta.
 
-    Matches ``torch.optim.AdamW`` step for step: with ``t`` the step count,
+    Matches ``torch.optim.AdamW`` step for step: with ``t`` the entry's step count,
     ``p <- p - lr*wd*p``; ``m <- b1*m + (1-b1)*g``; ``v <- b2*v + (1-b2)*g^2``;
     ``p <- p - lr * (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps)``.
 
     The parameters here are the *delta* values, so weight decay pulls each delta
     toward zero, that is, each trained weight back toward its base weight (not
     toward zero as dense AdamW would). Moments are kept in fp32 (fp64 for fp64
-    values) and have one entry per stored delta value.
+    values) and have one entry per stored delta value; so has the step count ``t``
+    (int32), which starts at 0 for an entry that a support change brings in.
 
     Args:
         lr: Learning rate.
@@ -79,13 +83,16 @@ def adamw(
 
     def init(params: Values) -> AdamWState:
         mu = {n: torch.zeros_like(p, dtype=_state_dtype(p)) for n, p in params.items()}
-        return AdamWState(0, mu, {n: torch.zeros_like(m) for n, m in mu.items()})
+        steps = {n: torch.zeros_like(p, dtype=torch.int32) for n, p in params.items()}
+        return AdamWState(steps, mu, {n: torch.zeros_like(m) for n, m in mu.items()})
 
     def update(grads: Values, state: AdamWState, params: Values) -> tuple[Values, AdamWState]:
-        count = state.count + 1
-        c1, c2 = 1 - b1**count, 1 - b2**count
-        updates, mu, nu = {}, {}, {}
+        updates, steps, mu, nu = {}, {}, {}, {}
         for n, p in params.items():
+            steps[n] = state.steps[n] + 1
+            # Per-entry bias corrections, taken in fp64: ``1 - b2**t`` cancels badly in fp32.
+            t = steps[n].to(torch.float64)
+            c1, c2 = (1 - b1**t).to(state.mu[n].dtype), (1 - b2**t).to(state.mu[n].dtype)
             g = grads[n].to(state.mu[n].dtype)
             mu[n] = state.mu[n] * b1 + g * (1 - b1)
             nu[n] = state.nu[n] * b2 + g * g * (1 - b2)
@@ -93,7 +100,7 @@ def adamw(
             decayed = p32 * (1 - lr * weight_decay)
             step = (mu[n] / c1) / ((nu[n] / c2).sqrt() + eps)
             updates[n] = decayed - lr * step - p32
-        return updates, AdamWState(count, mu, nu)
+        return updates, AdamWState(steps, mu, nu)
 
     return Transform(init, update)
 

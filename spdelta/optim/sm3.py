@@ -19,7 +19,7 @@ class SM3State(NamedTuple):
     """State of :func:`sm3`.
 
     Attributes:
-        count: Number of updates taken (a Python int).
+        steps: Number of updates taken (a Python int).
         support: Name -> 1-D int64 sorted flat indices the values sit at. The state,
             not the factory, is authoritative: a prune/regrow step replaces it (see
             :func:`spdelta.optim.reset.remap_state`).
@@ -31,7 +31,7 @@ class SM3State(NamedTuple):
             the factory's ``momentum`` is 0.
     """
 
-    count: int  # type: ignore[assignment]  # shadows tuple.count, as in AdamWState
+    steps: int
     support: Support
     accumulators: dict[str, tuple[Tensor, ...]]
     momentum: Values
@@ -172,6 +172,6 @@ def sm3(
                 step = state.momentum[n] * momentum + step * (1 - momentum)
                 moms[n] = step
             updates[n] = -lr * step
-        return updates, SM3State(state.count + 1, state.support, accs, moms)
+        return updates, SM3State(state.steps + 1, state.support, accs, moms)
 
     return Transform(init, update)

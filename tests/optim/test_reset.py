@@ -34,7 +34,7 @@ def test_adamw_survivors_keep_moments_newcomers_start_at_zero() -> None:
     state = opt.init(params)
     _, state = opt.update({"w": torch.tensor([1.0, 2.0, 3.0]), "b": torch.ones(1)}, state, params)
     out = remap_adamw_state(state, old, new)
-    assert out.count == 1
+    assert out.steps["w"].tolist() == [0, 1, 0] and out.steps["b"].tolist() == [1]
     torch.testing.assert_close(out.mu["w"], torch.tensor([0.0, 0.2, 0.0]))
     torch.testing.assert_close(out.nu["w"], torch.tensor([0.0, 0.004, 0.0]))
     assert torch.equal(out.mu["b"], state.mu["b"])
@@ -69,3 +69,42 @@ def test_chain_tuples_and_unknown_types() -> None:
         remap_state({"x": 1}, support, support)
     with pytest.raises(KeyMismatchError, match="'v'"):
         remap_state(state, support, {"v": torch.tensor([0])})
+
+
+def test_regrown_entries_get_fresh_adam_bias_correction() -> None:
+    """After a remap, survivors continue their own Adam run; a newcomer steps as a fresh one."""
+    opt = adamw(0.1, weight_decay=0.01)
+    old, new = {"w": torch.tensor([1, 4, 8])}, {"w": torch.tensor([2, 4, 9])}
+    params = {"w": torch.tensor([0.5, -0.2, 0.3], dtype=torch.float64)}
+    state = opt.init(params)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        g = {"w": torch.randn(3, generator=gen, dtype=torch.float64)}
+        updates, state = opt.update(g, state, params)
+        params = apply_updates(params, updates)
+    moved = remap_state(state, old, new)
+    assert moved.steps["w"].tolist() == [0, 5, 0] and moved.steps["w"].dtype == torch.int32
+    p_new = {"w": torch.tensor([0.0, float(params["w"][1]), 0.0], dtype=torch.float64)}
+    g = {"w": torch.tensor([0.7, -1.3, -0.4], dtype=torch.float64)}
+    updates, after = opt.update(g, moved, p_new)
+    fresh, _ = opt.update({"w": g["w"][[0, 2]]}, opt.init({"w": p_new["w"][[0, 2]]}),
+                          {"w": p_new["w"][[0, 2]]})
+    torch.testing.assert_close(updates["w"][[0, 2]], fresh["w"], rtol=0, atol=0)
+    first = torch.full((2,), 0.1, dtype=torch.float64)  # a fresh Adam's first step: lr
+    torch.testing.assert_close(updates["w"][[0, 2]].abs(), first)
+    cont, _ = opt.update({"w": g["w"][[1]]}, AdamWState({"w": state.steps["w"][[1]]},
+                         {"w": state.mu["w"][[1]]}, {"w": state.nu["w"][[1]]}),
+                         {"w": params["w"][[1]]})
+    torch.testing.assert_close(updates["w"][[1]], cont["w"], rtol=0, atol=0)
+    assert after.steps["w"].tolist() == [1, 6, 1]
+
+
+def test_state_tree_reads_a_shared_count() -> None:
+    """Files written before per-entry steps hold one ``count``; each entry gets it."""
+    from spdelta.optim.reset import state_from_tree
+
+    tree = {"type": "AdamWState", "count": 4, "mu": {"w": torch.zeros(3)},
+            "nu": {"w": torch.zeros(3)}}
+    assert state_from_tree(tree).steps["w"].tolist() == [4, 4, 4]
+    sm3_tree = {"type": "SM3State", "count": 2, "support": {}, "accumulators": {}, "momentum": {}}
+    assert state_from_tree(sm3_tree).steps == 2

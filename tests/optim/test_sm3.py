@@ -56,7 +56,7 @@ def test_full_support_matches_dense_sm3_ii(momentum: float) -> None:
     torch.testing.assert_close(w, w_ref, rtol=0, atol=1e-14)
     torch.testing.assert_close(state.accumulators["w"][0], r_ref, rtol=0, atol=1e-14)
     torch.testing.assert_close(state.accumulators["w"][1], c_ref, rtol=0, atol=1e-14)
-    assert state.count == 6
+    assert state.steps == 6
 
 
 def test_sparse_support_matches_masked_dense_reference() -> None:
