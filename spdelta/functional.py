@@ -124,7 +124,9 @@ def make_loss_fn(
     With ``impl="fast"`` each delta'd weight of a plain, untied ``nn.Linear`` is not
     merged: its module runs :func:`spdelta.kernels.sparse_delta_linear` instead,
     which keeps no dense merged weight for backward and computes the values'
-    gradient at the support only (see :class:`spdelta.kernels.LinearRouter`).
+    gradient at the support only (see :class:`spdelta.kernels.LinearRouter`). This
+    includes NF4 weights (:mod:`spdelta.quant`): the kernel dequantises them per op
+    (forward, and again in backward) and keeps only the 4-bit tensor.
     Other delta'd tensors (embeddings, norms, ...) are merged as in
     ``impl="reference"``, which merges everything with :func:`add_at`.
 

@@ -6,12 +6,16 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from spdelta.errors import KeyMismatchError, ShapeError, SpdeltaError, format_names
 from spdelta.types import Params
 
-__all__ = ["dequantize_base", "is_nf4", "nbytes", "to_nf4"]
+__all__ = ["dequantize", "dequantize_base", "is_nf4", "nbytes", "to_nf4"]
+
+#: Packed bytes dequantised per chunk: bounds the int32 code buffer at 8 MiB.
+_CHUNK = 1 << 20
 
 
 def _nf4_module() -> Any:
@@ -46,10 +50,12 @@ def to_nf4(base: Mapping[str, Tensor], targets: Sequence[str], *, block_size: in
     blocks of ``scaler_block_size`` (double quantisation), about ``0.52`` bytes per
     parameter at block size 64. ``torchao`` needs the number of blocks to be a multiple
     of the scaler block, so the scaler block used is ``gcd(numel / block_size,
-    scaler_block_size)``. The tensor keeps the base's dtype (``.dtype``); ``.to(dtype)``
-    dequantises, which is what :func:`spdelta.functional.add_at` calls, so
-    :func:`spdelta.make_loss_fn` works on an NF4 base unchanged and the dense weight
-    exists only transiently inside each forward (and backward) pass.
+    scaler_block_size)``. The tensor keeps the base's dtype (``.dtype``);
+    :func:`dequantize` (or ``.to(dtype)``) gives the dense weight. Both paths of
+    :func:`spdelta.make_loss_fn` take an NF4 base unchanged: the fast kernel
+    (:func:`spdelta.kernels.sparse_delta_linear`) dequantises each NF4 linear weight
+    inside its forward and again in backward, saving only the 4-bit tensor, so the
+    dense weight exists only transiently.
 
     Args:
         base: Name -> tensor (a state dict); not modified.
@@ -96,6 +102,39 @@ def to_nf4(base: Mapping[str, Tensor], targets: Sequence[str], *, block_size: in
     return out
 
 
+def dequantize(t: Tensor) -> Tensor:
+    """Return the dense tensor (``t.dtype``) of an ``NF4Tensor``; equal to torchao's dequantisation.
+
+    Bit-identical to ``t.get_original_weight()`` (each value is its code's NF4 level
+    times its block's scale, the same two factors) but with less transient memory:
+    torchao's version holds int64 codes and several half-size intermediates (about 22
+    bytes per parameter at its peak); this one writes the levels straight into the
+    output, a chunk of codes at a time, then scales each block in place (about 4 bytes
+    per parameter plus a fixed 8 MiB). Non-contiguous (transposed) NF4 tensors use
+    torchao's path.
+
+    Example:
+        >>> import torch
+        >>> q = to_nf4({"w": torch.randn(4, 64, generator=torch.Generator().manual_seed(0))},
+        ...            ["w"])["w"]
+        >>> torch.equal(dequantize(q), q.get_original_weight())
+        True
+    """
+    if not t.is_contiguous():
+        return t.get_original_weight()  # type: ignore[attr-defined, no-any-return]
+    packed = t.quantized_data.reshape(-1)  # type: ignore[attr-defined]  # 2 codes per byte
+    levels = t.nf4  # type: ignore[attr-defined]  # (16,) in t.dtype
+    out = torch.empty(t.numel(), dtype=levels.dtype, device=packed.device)
+    for start in range(0, packed.numel(), _CHUNK):
+        byte = packed[start:start + _CHUNK]
+        codes = torch.stack([byte >> 4, byte & 0b1111], dim=-1).reshape(-1).int()  # high first
+        torch.index_select(levels, 0, codes, out=out[2 * start:2 * start + codes.numel()])
+    scales = t.dequantize_scalers(t.quantized_scalers, t.quantization_factor,  # type: ignore[attr-defined]
+                                  t.scaler_block_size)  # type: ignore[attr-defined]
+    out.view(-1, t.block_size).mul_(scales.unsqueeze(-1))  # type: ignore[attr-defined]
+    return out.view(t.shape)
+
+
 def dequantize_base(base: Mapping[str, Tensor]) -> Params:
     """Return ``base`` with every NF4 tensor dequantised to a dense tensor of its dtype.
 
@@ -105,7 +144,7 @@ def dequantize_base(base: Mapping[str, Tensor]) -> Params:
         >>> dequantize_base(q)["w"].unique().tolist()
         [1.0]
     """
-    return {n: t.to(t.dtype) if is_nf4(t) else t for n, t in base.items()}
+    return {n: dequantize(t) if is_nf4(t) else t for n, t in base.items()}
 
 
 def _tensor_nbytes(t: Tensor) -> int:

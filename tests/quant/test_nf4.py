@@ -46,6 +46,39 @@ def test_loss_on_nf4_matches_dequantised_base(tiny_llama: torch.nn.Module,
     assert 0 < abs(loss_q.item() - loss_full.item()) < 0.5
 
 
+@pytest.mark.parametrize("func", [True, False])
+def test_fast_path_on_nf4_equals_reference(tiny_llama: torch.nn.Module, token_batch: dict,
+                                           monkeypatch: pytest.MonkeyPatch, func: bool) -> None:
+    """NF4 linears take the fast kernel (no dense merged W) and match the reference merge."""
+    from spdelta.kernels import _route, eager_grad_and_value, sparse_delta_linear
+
+    calls = []
+
+    def counting(*args: torch.Tensor | None) -> torch.Tensor:
+        calls.append(is_nf4(args[1]))
+        return sparse_delta_linear(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_route, "sparse_delta_linear", counting)
+    base = dict(tiny_llama.named_parameters())
+    targets = resolve_targets(tiny_llama, "all-linear")
+    q = to_nf4(base, targets)
+    support = random_support({n: base[n].shape for n in targets}, density=0.05,
+                             generator=torch.Generator().manual_seed(0))
+    values = {n: torch.full((s.numel(),), 0.01, dtype=torch.float64) for n, s in support.items()}
+    out = {}
+    for impl in ("fast", "reference"):
+        fn = make_loss_fn(tiny_llama, impl=impl)  # type: ignore[arg-type]
+        transform = grad_and_value if func else eager_grad_and_value
+        out[impl] = transform(lambda v: fn(v, q, support, token_batch))(values)  # noqa: B023
+    (g_fast, l_fast), (g_ref, l_ref) = out["fast"], out["reference"]
+    # The dequantised weights are identical both ways; only the summation order differs.
+    torch.testing.assert_close(l_fast, l_ref, rtol=1e-12, atol=0)
+    for n in targets:
+        torch.testing.assert_close(g_fast[n], g_ref[n], rtol=1e-10, atol=1e-12, msg=n)
+    block_linears = [n for n in targets if "layers." in n]
+    assert calls.count(True) == len(block_linears) and all(calls)
+
+
 def test_nf4_base_is_about_half_a_byte_per_parameter(tiny_llama: torch.nn.Module) -> None:
     # A float32 base (the usual case); each NF4 tensor also holds a 16-entry code table and
     # a scale mean in the base dtype, a fixed cost that tiny tensors feel most.
@@ -83,3 +116,20 @@ def test_spiel_trains_on_an_nf4_base(tiny_llama: torch.nn.Module, token_batch: d
     assert sum(m["regrown"] for m in log) > 0
     assert all(is_nf4(q[n]) for n in targets)  # the base stays 4-bit
     assert sorted(delta.keys()) == targets and delta[targets[0]].values.dtype == torch.float64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_dequantize_equals_torchao(dtype: torch.dtype) -> None:
+    """The lean dequantisation is bit-identical to torchao's, across several code chunks."""
+    from spdelta.quant import nf4 as nf4_mod
+
+    w = torch.randn(48, 96, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    q = to_nf4({"w": w}, ["w"])["w"]
+    chunk = nf4_mod._CHUNK
+    try:
+        nf4_mod._CHUNK = 100  # 2304 packed bytes: 24 chunks, the last one partial
+        assert torch.equal(nf4_mod.dequantize(q), q.get_original_weight())
+    finally:
+        nf4_mod._CHUNK = chunk
+    assert torch.equal(nf4_mod.dequantize(q), q.get_original_weight())
+    assert torch.equal(nf4_mod.dequantize(q.t()), q.t().get_original_weight())
