@@ -168,10 +168,13 @@ def sync_grads(values: Values, group: Group = None) -> Values:
 def sync_loss_fn(loss_fn: LossFn, group: Group = None) -> LossFn:
     """Wrap ``fn(values, base, support, batch)`` so that gradients in ``values`` are rank means.
 
-    With each rank passing its share of the global batch (:func:`~spdelta.dist.shard_batch`),
-    ``torch.func.grad`` of the wrapped function is, on every rank, the gradient of the
-    mean of the ranks' losses: the gradient of the global batch for mean losses over
-    equal shares. The returned loss is the local one. Passing the wrapped function to
+    With each rank passing its share of the global batch
+    (:func:`~spdelta.dist.shard_batch`), ``torch.func.grad`` of the wrapped function
+    is, on every rank, the gradient of the mean of the ranks' losses: the gradient of
+    the global batch for mean losses over equal shares. The returned loss is the local
+    one. Base tensors that require grad are averaged too, in the same collective:
+    SpIEL-AG differentiates the target weights to get their dense gradient in the same
+    backward pass. Passing the wrapped function to
     :func:`spdelta.train.make_train_step` or :func:`spdelta.train.spiel.make_spiel_step`
     distributes them without changing them; for SpIEL-AG the dense candidate gradients
     are reduced by the same backward pass, and SM3 accumulators (for MA) are built from
@@ -185,6 +188,11 @@ def sync_loss_fn(loss_fn: LossFn, group: Group = None) -> LossFn:
     """
 
     def synced(values: Values, base: Params, support: Support, batch: Mapping[str, Any]) -> Tensor:
-        return loss_fn(sync_grads(values, group), base, support, batch)
+        tagged = {**{"v:" + n: t for n, t in values.items()},
+                  **{"b:" + n: t for n, t in base.items() if t.requires_grad}}
+        synced = sync_grads(tagged, group)  # one backward collective per dtype for both
+        values = {n: synced["v:" + n] for n in values}
+        base = {n: synced.get("b:" + n, t) for n, t in base.items()}
+        return loss_fn(values, base, support, batch)
 
     return synced

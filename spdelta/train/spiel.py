@@ -20,7 +20,6 @@ from spdelta.errors import ParameterError, SpdeltaError
 from spdelta.functional import LossFn, make_loss_fn
 from spdelta.kernels import eager_grad_and_value
 from spdelta.optim import SM3State, Transform, adamw, apply_updates, remap_state, sm3
-from spdelta.quant import is_nf4
 from spdelta.train._spiel_io import SpielState, load_state, save_state
 from spdelta.types import Params, Shape, Support, Values
 
@@ -199,13 +198,33 @@ def _grad(loss_fn: LossFn, values: Values, base: Params, support: Support,
 
 def _dense_grads(loss_fn: LossFn, state: SpielState, base: Params, batch: Mapping[str, Any]
                  ) -> tuple[Values, Values, Tensor]:
-    """Gradients at the support plus the dense gradients of the target weights (AG)."""
-    full = {n: torch.arange(base[n].numel(), device=s.device) for n, s in state.support.items()}
-    dense = {n: v.new_zeros(full[n].numel()).index_put((state.support[n],), v)
-             for n, v in state.values.items()}
-    g_dense, loss = _grad(loss_fn, dense, base, full, batch)
-    grads = {n: g[state.support[n]] for n, g in g_dense.items()}
-    return grads, g_dense, loss
+    """Gradients at the support plus the dense gradients of the target weights (AG).
+
+    One backward pass that differentiates the target base weights as well as the
+    values. As ``W' = W + D``, ``dL/dW`` is the dense gradient AG accumulates, and the
+    fast kernel computes it as one dense ``g^T x`` per linear and gathers the values'
+    gradient from it (no SDDMM over the full tensor; see
+    :class:`spdelta.kernels.SparseDeltaLinear`). The base is only marked as requiring
+    a gradient (``detach``: no copy; an NF4 base stays 4-bit).
+
+    Returns:
+        ``(grads, dense, loss)``: support gradients (values' dtype), dense flat
+        gradients of the targets (values' dtype, computed in the base's), the loss.
+    """
+    names = sorted(state.support)
+    weights = {n: base[n].detach().requires_grad_() for n in names}
+    values = {n: state.values[n].detach().requires_grad_() for n in names}
+    with torch.enable_grad():
+        loss = loss_fn(values, {**base, **weights}, state.support, batch)
+    grads = torch.autograd.grad(loss, [*weights.values(), *values.values()], allow_unused=True)
+    g_w, g_v = grads[:len(names)], grads[len(names):]
+    dense = {n: (torch.zeros(base[n].numel(), dtype=state.values[n].dtype,
+                             device=state.values[n].device) if g is None
+                 else g.reshape(-1).to(state.values[n].dtype))
+             for n, g in zip(names, g_w, strict=True)}
+    support = {n: torch.zeros_like(values[n]) if g is None else g
+               for n, g in zip(names, g_v, strict=True)}
+    return support, dense, loss.detach()
 
 
 def _regrow(state: SpielState, base: Params, regrowth: Regrowth, fraction: float
@@ -245,10 +264,11 @@ def make_spiel_step(
 
     Regrowth scores: ``"ag"`` sums the dense gradient of each target weight over the
     ``accumulate_steps`` steps ending at the regrowth step (one backward pass gives both
-    the dense gradient and the support gradient used for the update: the values are
-    zero-extended to the full tensor). Memory: one dense buffer per target weight, in
-    the values' dtype (for fp32 targets, 4 bytes per target parameter) during those
-    steps, plus the dense gradient of the pass. ``"ma"`` scores each candidate by the
+    the dense gradient and the support gradient used for the update: it differentiates
+    the target base weights too, and the fast kernel gathers the support gradient from
+    the dense one). Memory: one dense buffer per target weight, in the values' dtype
+    (for fp32 targets, 4 bytes per target parameter) during those steps, plus the
+    dense gradient of the pass. ``"ma"`` scores each candidate by the
     product of its SM3 accumulators (``r_i * c_j``), needs no dense gradient, and builds
     one transient dense score tensor per target at the regrowth step only.
 
@@ -295,6 +315,9 @@ def make_spiel_step(
     prune_fraction(0, total_steps, initial=initial_fraction, schedule=schedule)  # validates
     if not 0.0 <= initial_fraction <= 1.0:
         raise ParameterError(f"initial_fraction must lie in [0, 1]; found {initial_fraction}.")
+    # A base that requires a gradient (e.g. ``dict(model.named_parameters())``) would make
+    # the fast kernel build a dense dL/dW on every step; only the AG window asks for one.
+    base = {n: t.detach() for n, t in base.items()}
 
     def spiel_step(state: SpielState, batch: Mapping[str, Any]
                    ) -> tuple[SpielState, dict[str, float]]:
@@ -432,9 +455,8 @@ def spiel(
     shapes = {n: tuple(base[n].shape) for n in names}
     state, opt = _start(base, shapes, density=density, lr=lr, regrowth=regrowth,
                         optimizer=optimizer, generator=generator, checkpoint=checkpoint)
-    # The fast kernel cannot yet dequantise an NF4 weight in backward: use the reference merge.
-    nf4 = any(is_nf4(base[n]) for n in names)
-    loss_fn = make_loss_fn(model, loss, impl="reference" if nf4 else "fast")
+    # The fast path takes NF4 targets too: it dequantises them per op, keeping no dense W.
+    loss_fn = make_loss_fn(model, loss, impl="fast")
     step_fn = make_spiel_step(loss_fn, base, opt, total_steps=steps, regrowth=regrowth,
                               update_every=update_every, accumulate_steps=accumulate_steps,
                               initial_fraction=initial_fraction, schedule=schedule)

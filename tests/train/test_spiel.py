@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from spdelta import make_loss_fn
 from spdelta.errors import ParameterError, SpdeltaError
+from spdelta.kernels import eager_grad_and_value
 from spdelta.optim import AdamWState, SM3State, adamw, sm3
 from spdelta.train.spiel import (
     _dense_grads,
@@ -154,6 +155,43 @@ def test_regrowth_step_matches_manual_prune_regrow(tiny_llama: torch.nn.Module,
                          (state.grad_acc[n] + g_dense[n]).abs(), fraction=metrics["fraction"])
         assert torch.equal(after.support[n], r.support)
         torch.testing.assert_close(after.values[n], r.values, rtol=0, atol=1e-15)
+
+
+def _dense_grads_full_support(loss_fn, state, base, batch):
+    """The previous AG-window pass: values zero-extended to the full tensor, one SDDMM."""
+    full = {n: torch.arange(base[n].numel()) for n in state.support}
+    dense = {n: v.new_zeros(full[n].numel()).index_put((state.support[n],), v)
+             for n, v in state.values.items()}
+    g_dense, loss = eager_grad_and_value(lambda v: loss_fn(v, base, full, batch))(dense)
+    return {n: g[state.support[n]] for n, g in g_dense.items()}, g_dense, loss
+
+
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+def test_ag_window_dense_grads_equal_full_support_path(tiny_llama: torch.nn.Module,
+                                                      token_batch: dict, impl: str) -> None:
+    step, state = _setup(tiny_llama, "ag", total=16)
+    gen = torch.Generator().manual_seed(1)
+    state = state._replace(values={n: 0.05 * torch.randn(v.shape, generator=gen, dtype=v.dtype)
+                                   for n, v in state.values.items()})
+    base = dict(tiny_llama.named_parameters())
+    fn = make_loss_fn(tiny_llama, impl=impl)  # type: ignore[arg-type]
+    got, want = (f(fn, state, base, token_batch) for f in (_dense_grads, _dense_grads_full_support))
+    torch.testing.assert_close(got[2], want[2], rtol=1e-12, atol=0)
+    for g, w in zip(got[:2], want[:2], strict=True):
+        assert g.keys() == w.keys()
+        for n in w:
+            assert g[n].dtype == w[n].dtype == torch.float64
+            torch.testing.assert_close(g[n], w[n], rtol=1e-10, atol=1e-13, msg=n)
+    # A whole window step: same values and grad_acc as the old path, in float64.
+    state = state._replace(step=2)  # step 3 is in the window of the regrowth at step 4
+    after, _ = step(state, token_batch)
+    grads, g_dense, _ = _dense_grads_full_support(make_loss_fn(tiny_llama), state, base,
+                                                  token_batch)
+    updates, _ = adamw(0.02).update(grads, state.opt_state, state.values)
+    for n in state.support:
+        torch.testing.assert_close(after.values[n], state.values[n] + updates[n],
+                                   rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(after.grad_acc[n], g_dense[n], rtol=1e-10, atol=1e-13)
 
 
 def test_ma_needs_sm3(tiny_llama: torch.nn.Module, token_batch: dict) -> None:
