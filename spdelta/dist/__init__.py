@@ -10,7 +10,8 @@ Launch a script with ``torchrun --nproc_per_node=N script.py``; inside it,
   :func:`score_distributed` reduces salience before selection. Supports are therefore
   chosen from global gradients and are identical on every rank.
 - FSDP2: :func:`shard_with_deltas` shards the frozen base weights and the values per
-  layer; :func:`make_fsdp_train_step` trains them with a sharded element-wise optimizer.
+  layer; :func:`make_fsdp_train_step` trains them with a sharded element-wise optimizer,
+  :func:`make_fsdp_spiel_step` with SpIEL-AG (supports from global dense gradients).
 - Checkpoints: :func:`save_checkpoint` / :func:`load_checkpoint` (DCP), resumable at
   another world size.
 
@@ -26,6 +27,8 @@ from spdelta.dist._fsdp import (
     DeltaLinear,
     fsdp_delta,
     fsdp_init,
+    fsdp_spiel_init,
+    make_fsdp_spiel_step,
     make_fsdp_train_step,
     shard_with_deltas,
 )
@@ -54,10 +57,12 @@ __all__ = [
     "broadcast_tree",
     "fsdp_delta",
     "fsdp_init",
+    "fsdp_spiel_init",
     "init_from_env",
     "load_checkpoint",
     "make_dist_spiel_step",
     "make_dist_train_step",
+    "make_fsdp_spiel_step",
     "make_fsdp_train_step",
     "rank_and_world",
     "save_checkpoint",
