@@ -37,7 +37,7 @@ StepFn = Callable[[SpielState, Batch], tuple[SpielState, dict[str, float]]]
 
 # Fields that change how a run is executed, not what it computes: free to differ on resume.
 _RUN_ONLY = frozenset({"checkpoint_every", "checkpoint_dir", "resume", "stop_after", "progress",
-                       "force"})
+                       "force", "fsdp"})
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,9 @@ class TrainConfig:
         max_length: Tokens per sequence (prompts are truncated from the left).
         bf16: Load the base in bfloat16 (values stay fp32).
         nf4: Quantise the target weights of the base to NF4 (torchao) after scoring.
+        fsdp: Under ``torchrun``, shard the base weights, values and optimizer state
+            per decoder layer with FSDP2 (``fully_shard``) instead of replicating them
+            (data parallel). AdamW only (SPEFT, or SpIEL-AG); not with ``nf4``.
         seed: Seeds the data order, the SpIEL support and everything random.
         split: Split of a dataset dict or named dataset.
         prompt_column: Prompt column (prompt + response format; auto-detected).
@@ -104,6 +107,7 @@ class TrainConfig:
     max_length: int = 256
     bf16: bool = False
     nf4: bool = False
+    fsdp: bool = False
     seed: int = 0
     split: str = "train"
     prompt_column: str | None = None
@@ -293,13 +297,13 @@ def _optimizer(cfg: TrainConfig, support: Support, shapes: Mapping[str, tuple[in
 
 
 def _step_fn(cfg: TrainConfig, model: Any, base: Params, support: Support, optimizer: Any,
-             total: int, world: int, nf4: bool) -> StepFn:
+             total: int, world: int) -> StepFn:
     from spdelta.dist import make_dist_spiel_step, make_dist_train_step
     from spdelta.functional import make_loss_fn
     from spdelta.train._loop import TrainState, make_train_step
     from spdelta.train.spiel import make_spiel_step
 
-    loss_fn = make_loss_fn(model, impl="reference" if nf4 else "fast")
+    loss_fn = make_loss_fn(model)  # the fast path, NF4 targets included
     if cfg.method == "spiel":
         kwargs: dict[str, Any] = {"total_steps": total, "regrowth": cfg.regrowth, "update_every":
                   cfg.update_every, "accumulate_steps": cfg.accumulate_steps,
@@ -317,6 +321,42 @@ def _step_fn(cfg: TrainConfig, model: Any, base: Params, support: Support, optim
     return static_step
 
 
+def _fsdp(cfg: TrainConfig, model: Any, state: SpielState, total: int,
+          resume_from: Path | None) -> tuple[Any, SpielState, StepFn]:
+    """Shard ``model`` with deltas on ``state.support`` (FSDP2); the sharded state and step."""
+    from spdelta.dist import (
+        fsdp_spiel_init,
+        load_checkpoint,
+        make_fsdp_spiel_step,
+        make_fsdp_train_step,
+        shard_with_deltas,
+    )
+    from spdelta.optim import adamw
+    from spdelta.train._loop import TrainState
+
+    # A tensor the global top-k left empty gets no DeltaLinear (FSDP cannot shard 0 values).
+    model = shard_with_deltas(model, {n: i for n, i in state.support.items() if i.numel()})
+    optimizer = adamw(cfg.lr, weight_decay=cfg.weight_decay)
+    template = fsdp_spiel_init(model, optimizer)  # values/optimizer state as sharded DTensors
+    if resume_from is not None:
+        loaded = load_checkpoint(resume_from, template=template)
+        state = loaded._replace(rng_state=state.rng_state)
+    else:
+        state = template
+    if cfg.method == "spiel":
+        return model, state, make_fsdp_spiel_step(
+            model, optimizer, total_steps=total, regrowth=cfg.regrowth,
+            update_every=cfg.update_every, accumulate_steps=cfg.accumulate_steps,
+            initial_fraction=cfg.initial_fraction)
+    inner = make_fsdp_train_step(model, optimizer)
+
+    def static_step(s: SpielState, batch: Batch) -> tuple[SpielState, dict[str, float]]:
+        t, metrics = inner(TrainState(s.values, s.opt_state, s.step), batch)
+        return s._replace(values=t.values, opt_state=t.opt_state, step=t.step), metrics
+
+    return model, state, static_step
+
+
 def _plot(log: list[dict[str, float]], path: Path, title: str) -> bool:
     try:
         import matplotlib
@@ -329,9 +369,10 @@ def _plot(log: list[dict[str, float]], path: Path, title: str) -> bool:
     steps = [r["step"] for r in log]
     ax.plot(steps, [r["loss"] for r in log], lw=0.8, alpha=0.5, label="loss")
     w = max(1, len(log) // 20)  # a running mean shows the trend through the noise
-    windows = [log[max(0, i - w + 1):i + 1] for i in range(len(log))]
-    smooth = [sum(r["loss"] for r in win) / len(win) for win in windows]
-    ax.plot(steps, smooth, lw=1.5, label=f"mean of {w}")
+    if w > 1:
+        windows = [log[max(0, i - w + 1):i + 1] for i in range(len(log))]
+        smooth = [sum(r["loss"] for r in win) / len(win) for win in windows]
+        ax.plot(steps, smooth, lw=1.5, label=f"running mean of {w}")
     ax.set(xlabel="step", ylabel="training loss", title=title)
     ax.legend()
     fig.tight_layout()
@@ -408,6 +449,10 @@ def train_job(cfg: TrainConfig, *, say: Callable[[str], None] = print) -> dict[s
     if cfg.batch_size % world:
         raise ParameterError(f"batch_size {cfg.batch_size} is not a multiple of the world size "
                              f"{world}; use a multiple of {world}.")
+    if cfg.fsdp and (world == 1 or cfg.nf4 or (cfg.method, cfg.regrowth) == ("spiel", "ma")):
+        raise ParameterError(f"--fsdp shards over several processes with AdamW: it needs "
+                             f"torchrun (found world size {world}), no --nf4, and SPEFT or "
+                             "SpIEL-AG; drop --fsdp to train data-parallel instead.")
 
     def shard(batch: Batch) -> Batch:
         return shard_batch(batch, rank, world) if world > 1 else dict(batch)
@@ -443,8 +488,14 @@ def train_job(cfg: TrainConfig, *, say: Callable[[str], None] = print) -> dict[s
         for n, p in model.named_parameters():  # drop the dense copies of the targets
             if n in shapes:
                 p.data = torch.empty(0, dtype=p.dtype)
-    optimizer = _optimizer(cfg, state.support, shapes)
-    step_fn = _step_fn(cfg, model, base, state.support, optimizer, total, world, cfg.nf4)
+    if cfg.fsdp:
+        model, state, step_fn = _fsdp(cfg, model, state, total,
+                                      ckpt / "state" if job is not None else None)
+    else:
+        # An FSDP checkpoint keeps AG sums as (out, in) shards; here they are flat.
+        state = state._replace(grad_acc={n: g.reshape(-1) for n, g in state.grad_acc.items()})
+        optimizer = _optimizer(cfg, state.support, shapes)
+        step_fn = _step_fn(cfg, model, base, state.support, optimizer, total, world)
 
     from tqdm.auto import tqdm
 
@@ -487,7 +538,16 @@ def train_job(cfg: TrainConfig, *, say: Callable[[str], None] = print) -> dict[s
     meta = {KEY_TRAINING: json.dumps(record, sort_keys=True),
             KEY_BASE_MODEL: str(getattr(model.config, "_name_or_path", "") or cfg.model),
             KEY_FINGERPRINT: print_fp}
-    delta = SparseDelta.from_support(state.support, state.values, shapes, metadata=meta)
+    if cfg.fsdp:
+        from spdelta.dist import fsdp_delta
+
+        got = fsdp_delta(model, state)  # every rank gathers
+        delta = SparseDelta.from_support(
+            {n: got[n].indices if n in got else torch.zeros(0, dtype=torch.long) for n in shapes},
+            {n: got[n].values if n in got else torch.zeros(0) for n in shapes},
+            shapes, metadata=meta)
+    else:
+        delta = SparseDelta.from_support(state.support, state.values, shapes, metadata=meta)
     if rank == 0:
         if out.parent != Path(""):
             out.parent.mkdir(parents=True, exist_ok=True)

@@ -58,22 +58,26 @@ def _same_run(a: Path, b: Path) -> None:
             torch.testing.assert_close(ta[k], tb[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
-@pytest.mark.parametrize("method", ["speft", "spiel"])
+@pytest.mark.parametrize(("method", "fsdp"), [("speft", False), ("spiel", False),
+                                              ("speft", True), ("spiel", True)])
 def test_two_processes_equal_one(tiny_lm_dir: str, sums: Path, tmp_path: Path,
-                                 method: str) -> None:
+                                 method: str, fsdp: bool) -> None:
     extra = ["--method", method, "--update-every", "2", "--accumulate-steps", "2"]
     assert main(_args(tiny_lm_dir, sums, tmp_path / "one.st", *extra)) == 0
-    _torchrun(_args(tiny_lm_dir, sums, tmp_path / "two.st", *extra))
+    _torchrun(_args(tiny_lm_dir, sums, tmp_path / "two.st", *extra, *(["--fsdp"] * fsdp)))
     _same_run(tmp_path / "one.st", tmp_path / "two.st")
     summary = json.loads((tmp_path / "two.st.log.json").read_text())["summary"]
     assert summary["world_size"] == 2
 
 
+@pytest.mark.parametrize("fsdp", [False, True])
 def test_checkpoint_from_two_processes_resumes_in_one(tiny_lm_dir: str, sums: Path,
-                                                      tmp_path: Path) -> None:
+                                                      tmp_path: Path, fsdp: bool) -> None:
+    # Stopped at step 3, inside the AG window of the regrowth at step 4.
     extra = ["--method", "spiel", "--update-every", "2", "--accumulate-steps", "2"]
     assert main(_args(tiny_lm_dir, sums, tmp_path / "one.st", *extra)) == 0
-    _torchrun(_args(tiny_lm_dir, sums, tmp_path / "two.st", *extra, "--stop-after", "3"))
+    _torchrun(_args(tiny_lm_dir, sums, tmp_path / "two.st", *extra, "--stop-after", "3",
+                    *(["--fsdp"] * fsdp)))
     assert not (tmp_path / "two.st").exists()
     assert main(_args(tiny_lm_dir, sums, tmp_path / "two.st", *extra, "--resume")) == 0
     _same_run(tmp_path / "one.st", tmp_path / "two.st")
