@@ -31,6 +31,14 @@ targets and drops the fp32 copies), collects garbage, reads ``VmRSS`` again
                      (NF4: its packed codes and scales), for reference.
   ``rss_peak_mb``    the absolute ``VmHWM`` (libraries included).
 
+NF4 weight-dominated config (``--nf4-config``): at the default config the activations
+(about 800 MB) dominate the peak, so NF4 weights cannot halve it whatever they save. When
+``spdelta_static_nf4`` is among the variants, its memory and that of ``spdelta_static``
+are also measured at a second config where the weights dominate (default
+``hidden=2048,intermediate=5504,batch=1,seq=128``, the rest as given), reported under
+``nf4_weight_dominated`` with its own config and ratios (memory only, no timing).
+Both ratios are reported; ``weights_mb`` gives the model-only bytes of each.
+
 Model-building transients (e.g. the fp32 weights before NF4 quantisation) are not in
 any of them (the counter is reset after building). The children run with
 ``MALLOC_MMAP_THRESHOLD_=131072`` so that glibc serves every buffer >= 128 KiB by mmap
@@ -58,7 +66,8 @@ Variants (``--variants``):
                        same initial support as spdelta_static; amortised step time (above)
   spdelta_static_nf4   spdelta_static with the target linear weights in NF4
                        (spdelta.quant.to_nf4, block 64); the module holds the NF4 tensors
-                       (the fp32 targets are freed); embeddings / lm_head / norms stay fp32
+                       (the fp32 targets are freed); embeddings / lm_head / norms stay fp32;
+                       fast path: SparseDeltaLinear dequantises per op, keeps no dense W
   spdelta_reference    impl="reference" (naive dense merge), eager_grad_and_value
   lora               peft LoRA on the same targets, r = round(nnz / sum(in + out))
   full               full fine-tuning with torch.optim.AdamW
@@ -66,6 +75,8 @@ Variants (``--variants``):
 
 Example:
     python tools/bench/train_step.py --json                       # default config
+    python tools/bench/train_step.py --json --variants spdelta_static,spdelta_static_nf4 \
+        --nf4-config hidden=1024,intermediate=2752,batch=1,seq=128   # cheaper NF4 config
     python tools/bench/train_step.py --json --hidden 128 --layers 2 --vocab 1000 \\
         --intermediate 344 --batch 2 --seq 64 --steps 5
 """
@@ -436,7 +447,29 @@ def summarize(results: dict[str, dict[str, Any]]) -> dict[str, float]:
     ratio("model_nf4_over_static", "spdelta_static_nf4", "spdelta_static", "model_mb")
     ratio("peak_nf4_over_static", "spdelta_static_nf4", "spdelta_static", "peak_mb")
     ratio("step_nf4_over_static", "spdelta_static_nf4", "spdelta_static", "step_s")
+    ratio("weights_nf4_over_static", "spdelta_static_nf4", "spdelta_static", "weights_mb")
     return out
+
+
+NF4_CONFIG = "hidden=2048,intermediate=5504,batch=1,seq=128"
+
+
+def nf4_weight_dominated(cfg: dict[str, Any], spec: str) -> dict[str, Any]:
+    """Memory of ``spdelta_static`` and ``spdelta_static_nf4`` at ``cfg`` overridden by ``spec``.
+
+    ``spec`` is ``key=int,...`` over the integer config keys (e.g. ``batch=1,seq=128``).
+    """
+    over = {}
+    for item in filter(None, spec.split(",")):
+        key, _, val = item.partition("=")
+        if key not in cfg or not isinstance(cfg[key], int):
+            raise SystemExit(f"train_step: error: --nf4-config: unknown integer key {key!r}")
+        over[key] = int(val)
+    sub = {**cfg, **over}
+    results = {n: run_child(n, sub) for n in ("spdelta_static", "spdelta_static_nf4")}
+    ratios = {k: v for k, v in summarize(results).items() if "nf4" in k and "step" not in k}
+    tokens = sub["batch"] * sub["seq"]
+    return {"config": {**over, "tokens": tokens}, "results": results, "ratios": ratios}
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -452,6 +485,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--attn", default="sdpa", help="attn_implementation (sdpa or eager)")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                    help=f"comma-separated subset of {','.join(VARIANTS)}")
+    p.add_argument("--nf4-config", default=NF4_CONFIG,
+                   help="overrides (key=int,...) for the weight-dominated NF4 memory comparison, "
+                        "run when spdelta_static_nf4 is a variant; 'none' skips it")
     p.add_argument("--json", action="store_true", help="print only the JSON result")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
@@ -479,7 +515,13 @@ def main(argv: list[str] | None = None) -> int:
             print(name, "memory", json.dumps(results[name]), file=sys.stderr, flush=True)
     for name, timing in measure_time(names, cfg).items():
         results[name].update(timing)
-    print(json.dumps({"config": cfg, "results": results, "ratios": summarize(results)}, indent=2))
+    report = {"config": cfg, "results": results, "ratios": summarize(results)}
+    if "spdelta_static_nf4" in names and a.nf4_config != "none":
+        report["nf4_weight_dominated"] = nf4_weight_dominated(cfg, a.nf4_config)
+        if not a.json:
+            print("nf4_weight_dominated", json.dumps(report["nf4_weight_dominated"]["ratios"]),
+                  file=sys.stderr, flush=True)
+    print(json.dumps(report, indent=2))
     return 0
 
 
