@@ -122,3 +122,13 @@ def test_errors() -> None:
         select_topk({"a": torch.tensor([1.0, math.nan])}, k=1)
     with pytest.raises(ShapeError, match="'a'"):
         select_topk(s, lora_rank=1, shapes={"a": (2, 2)})
+
+
+@given(st.lists(st.sampled_from([-math.inf, -1.0, 0.0, 0.5, 2.0, 7.0, math.nan]), min_size=1,
+                max_size=60), st.data())
+def test_topk_indices_equals_stable_sort(values: list[float], data: st.DataObject) -> None:
+    """The threshold path equals the reference: a stable descending sort, first k, sorted."""
+    scores = torch.tensor(values)
+    k = data.draw(st.integers(0, len(values)))
+    ref = torch.sort(torch.sort(scores, descending=True, stable=True).indices[:k]).values
+    assert torch.equal(topk_indices(scores, k), ref)
