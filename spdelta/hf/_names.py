@@ -52,7 +52,8 @@ def resolve_names(
     aliases = aliases or {}
     prefixes = list(prefixes)
     out: dict[str, str] = {}
-    unmatched, ambiguous = [], []
+    unmatched: list[str] = []
+    ambiguous: list[str] = []
     for name in names:
         found = {aliases.get(c, c) for c in _candidates(name, prefixes)}
         found = {c for c in found if c in targets}

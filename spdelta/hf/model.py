@@ -102,7 +102,7 @@ def _targets(model: nn.Module, delta: SparseDelta) -> dict[str, Tensor]:
     mapping = resolve_names(
         delta.keys(), params, prefixes=model_prefixes(model), aliases=tied_aliases(model)
     )
-    out = {}
+    out: dict[str, Tensor] = {}
     for name, target in mapping.items():
         if tuple(params[target].shape) != delta[name].shape:
             raise ShapeError(

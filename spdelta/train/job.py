@@ -340,12 +340,15 @@ def _fsdp(cfg: TrainConfig, model: Any, state: SpielState, total: int,
     template = fsdp_spiel_init(model, optimizer)  # values/optimizer state as sharded DTensors
     if resume_from is not None:
         loaded = load_checkpoint(resume_from, template=template)
+        if not isinstance(loaded, SpielState):
+            raise SpdeltaError(f"{str(resume_from)!r}: expected a spdelta train job checkpoint; "
+                               f"found a {type(loaded).__name__}. Delete it to start over.")
         state = loaded._replace(rng_state=state.rng_state)
     else:
         state = template
     if cfg.method == "spiel":
         return model, state, make_fsdp_spiel_step(
-            model, optimizer, total_steps=total, regrowth=cfg.regrowth,
+            model, optimizer, total_steps=total, regrowth="ag",
             update_every=cfg.update_every, accumulate_steps=cfg.accumulate_steps,
             initial_fraction=cfg.initial_fraction)
     inner = make_fsdp_train_step(model, optimizer)

@@ -43,12 +43,14 @@ def _batches() -> itertools.cycle:
     return itertools.cycle([{"input_ids": ids, "labels": ids}])
 
 
-def test_lora_rank_is_closest_to_the_sparse_budget(quality: ModuleType) -> None:
+def test_lora_rank_is_closest_to_the_density_budget(quality: ModuleType) -> None:
     model = _tiny_llama()
     got = quality.lora_rank_for(model, 0.05)
-    per_rank = got["lora_params"] // got["lora_rank"]
-    assert all(abs(got["lora_params"] - got["sparse_budget"])
-               <= abs(r * per_rank - got["sparse_budget"]) for r in range(1, 20))
+    per_rank = got["budget"] // got["lora_rank"]
+    wanted = 0.05 * got["target_entries"]
+    assert all(abs(got["budget"] - wanted) <= abs(r * per_rank - wanted) for r in range(1, 20))
+    assert got["budget_density"] == got["budget"] / got["target_entries"]
+    assert quality.lora_rank_for(model, 0.05, 7)["budget"] == 7 * per_rank
 
 
 @pytest.mark.hf
@@ -63,11 +65,11 @@ def test_train_runs_and_counts_trainable(quality: ModuleType, method: str) -> No
         method, model, {}, cfg, 1e-2, quality._timed(_batches(), stamps))
     assert len(losses) == 3 and len(stamps) == 3
     expected = {"full": sum(p.numel() for p in _tiny_llama().parameters()),
-                "lora": budget["lora_params"], "speft_magnitude": budget["sparse_budget"]}
-    if method in expected:
+                "lora": budget["budget"], "speft_magnitude": budget["budget"]}
+    if method in expected:  # LoRA and SPEFT train exactly the same number of parameters
         assert trainable == expected[method]
     else:  # SpIEL's budget is per tensor, so rounding may differ slightly
-        assert abs(trainable - budget["sparse_budget"]) <= 14
+        assert abs(trainable - budget["budget"]) <= 14
     assert trained(**next(_batches())).loss < losses[0]
 
 

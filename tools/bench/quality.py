@@ -14,12 +14,13 @@ Methods (``--methods``):
   lora             peft LoRA on the same targets as the sparse methods (spdelta's
                    ``"all-linear"``: every linear layer but ``lm_head``), alpha = 2r,
                    dropout 0, torch.optim.AdamW (weight decay 0); r = the rank whose
-                   parameter count is closest to the sparse budget,
-                   ``round(nnz / budget(lora_rank=1))`` (``--lora-rank`` overrides)
+                   parameter count is closest to ``--density`` of the targets
+                   (``--lora-rank`` overrides). That count is THE budget: the sparse
+                   methods train exactly as many entries (SpIEL: per-tensor rounding)
   speft_gradient   spdelta.train.speft, gradient salience (``--calibration-examples``
-                   training reviews), static global top-k at ``--density``, sparse AdamW
+                   training reviews), static global top-k, sparse AdamW
   speft_magnitude  the same with magnitude salience
-  spiel_ag         spdelta.train.spiel, random start at ``--density`` per tensor,
+  spiel_ag         spdelta.train.spiel, random start at the budget's density per tensor,
                    accumulated-gradient regrowth every ``--spiel-update-every`` steps
                    (window ``--spiel-accumulate-steps``), linear prune schedule, AdamW
 
@@ -72,6 +73,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import resource
 import statistics
@@ -167,19 +169,23 @@ def target_names(model: nn.Module) -> list[str]:
     return resolve_targets(model, "all-linear")
 
 
-def lora_rank_for(model: nn.Module, density: float) -> dict[str, int]:
-    """The LoRA rank whose parameter count on the targets is closest to the sparse budget.
+def lora_rank_for(model: nn.Module, density: float, rank: int | None = None) -> dict[str, Any]:
+    """The shared trainable budget: the LoRA rank closest to ``density``, and its count.
 
-    The count is linear in the rank, so the closest rank is ``round(nnz / count(r=1))``.
+    The count is linear in the rank, so the closest rank is ``round(nnz / count(r=1))``
+    (``rank`` overrides it). Every trained method but full fine-tuning then gets that
+    count: LoRA as rank ``r``, SPEFT as ``lora_rank=r`` (exactly ``sum r*(m+n)``
+    entries, global top-k), SpIEL as the same fraction of each target.
     """
     from spdelta.select import budget
 
     params = dict(model.named_parameters())
     shapes = {n: tuple(params[n].shape) for n in target_names(model)}
-    nnz = budget(shapes, density=density)[""]
     per_rank = budget(shapes, lora_rank=1)[""]
-    rank = max(1, round(nnz / per_rank))
-    return {"sparse_budget": nnz, "lora_rank": rank, "lora_params": rank * per_rank}
+    r = rank or max(1, round(budget(shapes, density=density)[""] / per_rank))
+    total = sum(math.prod(s) for s in shapes.values())
+    return {"lora_rank": r, "budget": r * per_rank, "target_entries": total,
+            "budget_density": r * per_rank / total}
 
 
 def _train_module(model: nn.Module, params: list[nn.Parameter], batches: Iterator[Batch],
@@ -214,7 +220,7 @@ def train(method: str, model: nn.Module, data: dict[str, Any], cfg: Config, lr: 
     if method == "lora":
         from peft import LoraConfig, get_peft_model
 
-        r = cfg.lora_rank or lora_rank_for(model, cfg.density)["lora_rank"]
+        r = lora_rank_for(model, cfg.density, cfg.lora_rank)["lora_rank"]
         mods = [n.removesuffix(".weight") for n in target_names(model)]
         peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
                                                       target_modules=mods))
@@ -223,8 +229,10 @@ def train(method: str, model: nn.Module, data: dict[str, Any], cfg: Config, lr: 
         return peft_model, losses, sum(p.numel() for p in params)
     base = {n: p.detach() for n, p in model.named_parameters()}
     gen = torch.Generator().manual_seed(cfg.seed)
+    shared = lora_rank_for(model, cfg.density, cfg.lora_rank)
     if method == "spiel_ag":
-        delta, log = spiel(model, base, batches, density=cfg.density, targets="all-linear",
+        delta, log = spiel(model, base, batches, density=shared["budget_density"],
+                           targets="all-linear",
                            steps=cfg.steps, lr=lr, generator=gen, regrowth="ag",
                            update_every=cfg.spiel_update_every,
                            accumulate_steps=cfg.spiel_accumulate_steps)
@@ -232,7 +240,8 @@ def train(method: str, model: nn.Module, data: dict[str, Any], cfg: Config, lr: 
         calib = (_train_batches(data["tok"], data["train"], cfg) if method == "speft_gradient"
                  else iter(()))
         delta, log = speft(model, base, batches, metric=method.removeprefix("speft_"),
-                           density=cfg.density, targets="all-linear", steps=cfg.steps, lr=lr,
+                           lora_rank=shared["lora_rank"], targets="all-linear",
+                           steps=cfg.steps, lr=lr,
                            calibration_examples=cfg.calibration_examples,
                            calibration_batches=calib, generator=gen)
     return apply_to_model(model, delta), [m["loss"] for m in log], delta.nnz
@@ -334,7 +343,7 @@ def run_method(method: str, cfg_dict: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"method": method, "threads": torch.get_num_threads(),
                            "model_mb": (_status_kb("VmRSS") - rss_base) / 1024,
                            "rss_base_mb": rss_base / 1024, "train_examples": len(data["train"]),
-                           **lora_rank_for(model, cfg.density)}
+                           **lora_rank_for(model, cfg.density, cfg.lora_rank)}
     if method == "zero_shot":
         t_val = time.perf_counter()
         out.update(val_accuracy=_accuracy(model, data, "val", cfg), trainable_params=0,
