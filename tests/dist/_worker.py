@@ -30,6 +30,25 @@ TARGETS = ["lm_head.weight", "model.layers.0.mlp.up_proj.weight",
            "model.layers.1.self_attn.v_proj.weight"]
 
 
+def assert_close_tree(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """Same keys, values equal to float64 tolerance."""
+    assert a.keys() == b.keys()
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=1e-9, atol=1e-12, msg=n)
+
+
+def assert_equal_tree(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """Same keys, tensors equal exactly."""
+    assert a.keys() == b.keys()
+    for n in a:
+        assert torch.equal(a[n], b[n]), n
+
+
+def assert_losses_close(a: list[float], b: list[float]) -> None:
+    """HF computes the loss in fp32 even for fp64 logits, so losses agree to fp32 only."""
+    torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-6, atol=0)
+
+
 def make_model() -> nn.Module:
     """The tiny float64 Llama of tests/conftest.py."""
     spec = importlib.util.spec_from_file_location(

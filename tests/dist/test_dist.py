@@ -56,30 +56,14 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, 
     return out, _torchrun("all", out)
 
 
-def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for n in a:
-        torch.testing.assert_close(a[n], b[n], rtol=1e-9, atol=1e-12, msg=n)
-
-
-def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for n in a:
-        assert torch.equal(a[n], b[n]), n
-
-
-def _losses(a: list[float], b: list[float]) -> None:
-    # HF computes the loss in fp32 even for fp64 logits, so losses agree to fp32 only.
-    torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-6, atol=0)
-
 
 def test_ddp_static_equals_single_process(job: tuple[Path, list[dict[str, Any]]]) -> None:
     ranks = [r["static"] for r in job[1]]
     ref, ref_losses = W.single_static()
-    _equal(ranks[0]["values"], ranks[1]["values"])  # replicas stay bit-identical
-    _close(ranks[0]["values"], ref.values)
+    W.assert_equal_tree(ranks[0]["values"], ranks[1]["values"])  # replicas stay bit-identical
+    W.assert_close_tree(ranks[0]["values"], ref.values)
     assert all(v.abs().max() > 0 for v in ref.values.values())
-    _losses(ranks[0]["losses"], ref_losses)
+    W.assert_losses_close(ranks[0]["losses"], ref_losses)
     assert all(r["divergence_caught"] for r in ranks)  # assert_replicated sees a difference
 
 
@@ -89,11 +73,11 @@ def test_ddp_spiel_supports_global_and_identical(
     ranks = [r["spiel"][regrowth] for r in job[1]]
     ref, ref_losses = W.single_spiel(regrowth)
     start, _ = W.spiel_start(regrowth, W.base_of(W.make_model()))
-    _equal(ranks[0]["support"], ranks[1]["support"])
-    _equal(ranks[0]["support"], ref.support)
+    W.assert_equal_tree(ranks[0]["support"], ranks[1]["support"])
+    W.assert_equal_tree(ranks[0]["support"], ref.support)
     assert any(not torch.equal(ref.support[n], start.support[n]) for n in ref.support)
-    _close(ranks[0]["values"], ref.values)
-    _losses(ranks[0]["losses"], ref_losses)
+    W.assert_close_tree(ranks[0]["values"], ref.values)
+    W.assert_losses_close(ranks[0]["losses"], ref_losses)
 
 
 def test_fsdp2_equals_single_process(job: tuple[Path, list[dict[str, Any]]]) -> None:
@@ -103,9 +87,9 @@ def test_fsdp2_equals_single_process(job: tuple[Path, list[dict[str, Any]]]) -> 
     ref, ref_losses = W.single_static()
     support = W.support_of(W.base_of(W.make_model()))
     for r in ranks:
-        _equal(r["support"], support)
-        _close(r["values"], ref.values)
-    _losses(ranks[0]["losses"], ref_losses)
+        W.assert_equal_tree(r["support"], support)
+        W.assert_close_tree(r["values"], ref.values)
+    W.assert_losses_close(ranks[0]["losses"], ref_losses)
     # Loaded into the FSDP layout (template): each rank gets back its own shards.
     assert all(r["resharded_equal"] for r in ranks)
     total = sum(v.numel() for v in ref.values.values())
@@ -114,10 +98,10 @@ def test_fsdp2_equals_single_process(job: tuple[Path, list[dict[str, Any]]]) -> 
     # The sharded (DTensor) values and AdamW state load whole at world size 1.
     loaded = load_checkpoint(job[0] / "ckpt_fsdp")
     assert isinstance(loaded, TrainState) and loaded.step == W.STEPS
-    _close(loaded.values, ref.values)
-    _equal(loaded.opt_state.steps, ref.opt_state.steps)
-    _close(loaded.opt_state.mu, ref.opt_state.mu)
-    _close(loaded.opt_state.nu, ref.opt_state.nu)
+    W.assert_close_tree(loaded.values, ref.values)
+    W.assert_equal_tree(loaded.opt_state.steps, ref.opt_state.steps)
+    W.assert_close_tree(loaded.opt_state.mu, ref.opt_state.mu)
+    W.assert_close_tree(loaded.opt_state.nu, ref.opt_state.nu)
 
 
 @pytest.mark.parametrize("metric", ["gradient", "snip", "fisher"])
@@ -125,10 +109,10 @@ def test_distributed_salience_selects_the_global_support(
         job: tuple[Path, list[dict[str, Any]]], metric: str) -> None:
     ranks = [r["score"][metric] for r in job[1]]
     ref = W.single_score(metric)
-    _equal(ranks[0]["scores"], ranks[1]["scores"])
-    _close(ranks[0]["scores"], ref["scores"])
+    W.assert_equal_tree(ranks[0]["scores"], ranks[1]["scores"])
+    W.assert_close_tree(ranks[0]["scores"], ref["scores"])
     for r in ranks:
-        _equal(r["support"], ref["support"])
+        W.assert_equal_tree(r["support"], ref["support"])
 
 
 def test_dcp_checkpoint_resumes_across_world_sizes(job: tuple[Path, list[dict[str, Any]]]
@@ -140,13 +124,13 @@ def test_dcp_checkpoint_resumes_across_world_sizes(job: tuple[Path, list[dict[st
     part, _ = W.single_spiel("ag", stop=3)
     assert part.grad_acc  # saved inside an AG window: the accumulators must survive too
     for r in results:  # saved at world size 1, resumed at 2
-        _equal(r["ckpt"]["support"], ref.support)
-        _close(r["ckpt"]["values"], ref.values)
+        W.assert_equal_tree(r["ckpt"]["support"], ref.support)
+        W.assert_close_tree(r["ckpt"]["values"], ref.values)
     loaded = load_checkpoint(out / "ckpt_w2")  # saved at world size 2, resumed at 1
     assert isinstance(loaded, SpielState) and loaded.rng_state is not None
     assert loaded.step == 3 and torch.equal(loaded.rng_state, part.rng_state)
-    _close(loaded.grad_acc, part.grad_acc)
-    _close(loaded.values, part.values)
+    W.assert_close_tree(loaded.grad_acc, part.grad_acc)
+    W.assert_close_tree(loaded.values, part.values)
     resumed, _ = W.single_spiel("ag", state=loaded, start=3)
-    _equal(resumed.support, ref.support)
-    _close(resumed.values, ref.values)
+    W.assert_equal_tree(resumed.support, ref.support)
+    W.assert_close_tree(resumed.values, ref.values)

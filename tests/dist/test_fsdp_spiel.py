@@ -61,22 +61,6 @@ def reference() -> tuple[SpielState, list[float]]:
     return W.single_spiel("ag")  # type: ignore[no-any-return]
 
 
-def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for n in a:
-        torch.testing.assert_close(a[n], b[n], rtol=1e-9, atol=1e-12, msg=n)
-
-
-def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for n in a:
-        assert torch.equal(a[n], b[n]), n
-
-
-def _losses(a: list[float], b: list[float]) -> None:
-    # HF computes the loss in fp32 even for fp64 logits, so losses agree to fp32 only.
-    torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-6, atol=0)
-
 
 def test_fsdp_spiel_ag_equals_single_process(job: Any, reference: Any) -> None:
     ranks = job[1]["train"]
@@ -84,11 +68,11 @@ def test_fsdp_spiel_ag_equals_single_process(job: Any, reference: Any) -> None:
     start, _ = W.spiel_start("ag", W.base_of(W.make_model()))
     assert any(not torch.equal(ref.support[n], start.support[n]) for n in ref.support)
     for r in ranks:
-        _equal(r["support"], ref.support)  # the same supports, exactly, on every rank
-        _equal(r["delta_support"], ref.support)  # fsdp_delta reads the SpIEL supports
-        _close(r["values"], ref.values)
+        W.assert_equal_tree(r["support"], ref.support)  # the same supports, exactly, on every rank
+        W.assert_equal_tree(r["delta_support"], ref.support)  # fsdp_delta reads the SpIEL supports
+        W.assert_close_tree(r["values"], ref.values)
         assert r["buffers_match"] and r["sharded"] and r["grad_acc_sharded"]
-        _losses(r["losses"], ref_losses)
+        W.assert_losses_close(r["losses"], ref_losses)
         assert [m > 0 for m in r["regrown"]] == [False, True, False, True, False, False]
     total = sum(v.numel() for v in ref.values.values())
     assert 0 < ranks[0]["local_numel"] < total  # values (and their AdamW state) are sharded
@@ -99,9 +83,9 @@ def test_fsdp_spiel_checkpoint_resumes_at_world_size_1(job: Any, reference: Any)
     ref, ref_losses = reference
     (r,) = job[1]["resume"]  # world size 2 -> 1 under FSDP, template from fsdp_spiel_init
     assert r["step"] == W.SPIEL["total_steps"] and r["buffers_match"]
-    _equal(r["support"], ref.support)
-    _close(r["values"], ref.values)
-    _losses(r["losses"], ref_losses[FW.SAVE_AT:])
+    W.assert_equal_tree(r["support"], ref.support)
+    W.assert_close_tree(r["values"], ref.values)
+    W.assert_losses_close(r["losses"], ref_losses[FW.SAVE_AT:])
 
 
 def test_fsdp_spiel_checkpoint_loads_whole_for_one_process(job: Any, reference: Any) -> None:
@@ -111,18 +95,18 @@ def test_fsdp_spiel_checkpoint_loads_whole_for_one_process(job: Any, reference: 
     part, _ = W.single_spiel("ag", stop=FW.SAVE_AT)
     loaded = load_checkpoint(job[0] / FW.CKPT)  # no template: whole tensors
     assert isinstance(loaded, SpielState) and loaded.step == FW.SAVE_AT
-    _equal(loaded.support, part.support)
-    _close(loaded.values, part.values)
-    _equal(loaded.opt_state.steps, part.opt_state.steps)
-    _close(loaded.opt_state.mu, part.opt_state.mu)
-    _close(loaded.opt_state.nu, part.opt_state.nu)
+    W.assert_equal_tree(loaded.support, part.support)
+    W.assert_close_tree(loaded.values, part.values)
+    W.assert_equal_tree(loaded.opt_state.steps, part.opt_state.steps)
+    W.assert_close_tree(loaded.opt_state.mu, part.opt_state.mu)
+    W.assert_close_tree(loaded.opt_state.nu, part.opt_state.nu)
     base = W.base_of(W.make_model())
     assert all(g.shape == base[n].shape for n, g in loaded.grad_acc.items())  # (out, in)
     flat = loaded._replace(grad_acc={n: g.reshape(-1) for n, g in loaded.grad_acc.items()})
-    _close(flat.grad_acc, part.grad_acc)
+    W.assert_close_tree(flat.grad_acc, part.grad_acc)
     resumed, _ = W.single_spiel("ag", state=flat, start=FW.SAVE_AT)  # make_spiel_step
-    _equal(resumed.support, ref.support)
-    _close(resumed.values, ref.values)
+    W.assert_equal_tree(resumed.support, ref.support)
+    W.assert_close_tree(resumed.values, ref.values)
 
 
 def test_fsdp_spiel_rejects_ma_and_bad_hyperparameters() -> None:

@@ -54,13 +54,13 @@ speed-up ASSETS.md reports for CPUs that have it).
 
 The estimate printed at the start (``estimate_seconds``) adds up ``STEP_S``,
 ``EVAL_S`` and the other constants below, scaled linearly with batch size and with
-``min(max_length, 96)`` (reviews rarely need more than 96 tokens). They are for this
-2-core CPU, idle, fp32, 2 threads, batch 8, ``max_length`` 96: SPEFT's 2.8 s per step
-and the demo's 7 minutes were measured so; the others are scaled from 1-thread smoke
-runs on a loaded machine (there full FT, LoRA and SPEFT steps took about the same time,
-a SpIEL AG step about a plain one, a regrowth about 2 plain steps, the gradient
-scoring about 1.4 steps per 8 calibration reviews, and 32 evaluated reviews about 1.3
-steps). Expect +-20%. The default run is estimated at about 49 minutes.
+``min(max_length, 96)`` (reviews rarely need more than 96 tokens). They were measured
+in a full run on this 2-core CPU (idle, fp32, 2 threads, batch 8, ``max_length`` 96,
+60 steps, 2026-11-23): every method's median step took 4.5-4.8 s, an evaluated review
+0.18 s (batches of 32; LoRA's unmerged adapters 0.30 s, hence the merge before
+evaluation), gradient scoring of 64 reviews 37 s. That run took 77.3 min (estimated
+74.2 with these constants); the defaults (40 steps, 150 validation reviews) are
+estimated at about 57 min.
 
 Example:
     SPDELTA_CACHE=/tmp/spcache python tools/bench/quality.py --out bench-quality
@@ -94,11 +94,11 @@ from train_step import _reset_peak_rss, _status_kb
 METHODS = ("zero_shot", "full", "lora", "speft_gradient", "speft_magnitude", "spiel_ag")
 SPARSE = ("speft_gradient", "speft_magnitude", "spiel_ag")
 #: Seconds per training step, fp32, batch 8, max_length 96, 2 threads, idle (see the docstring).
-STEP_S = {"full": 3.5, "lora": 2.8, "speft_gradient": 2.8, "speft_magnitude": 2.8,
-          "spiel_ag": 3.0}
+STEP_S = {"full": 4.6, "lora": 4.8, "speft_gradient": 4.6, "speft_magnitude": 4.5,
+          "spiel_ag": 4.7}
 #: Seconds per evaluated review (batches of 32), per gradient-calibration example, per
 #: SPEFT top-k selection, per child process (spawn, imports, data, model) and per LR run.
-EVAL_S, CALIB_S, SELECT_S, CHILD_S, RUN_S = 0.12, 0.4, 4.0, 15.0, 2.0
+EVAL_S, CALIB_S, SELECT_S, CHILD_S, RUN_S = 0.18, 0.5, 5.0, 15.0, 2.0
 Batch = dict[str, Any]
 
 
@@ -107,10 +107,10 @@ class Config:
     """Benchmark settings (see ``--help``); the defaults fit about 60 minutes on 2 cores."""
 
     methods: tuple[str, ...] = METHODS
-    steps: int = 60
+    steps: int = 40
     batch_size: int = 8
     max_length: int = 96
-    val_examples: int = 200
+    val_examples: int = 150
     test_examples: int = 1000
     eval_batch_size: int = 32
     density: float = 0.01
@@ -308,6 +308,8 @@ def _one_run(method: str, data: dict[str, Any], cfg: Config, lr: float
     end = time.perf_counter()
     peak = _status_kb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     steps = _step_times(stamps, end, cfg.steps)
+    if method == "lora":  # evaluate the merged weights, as deployed (unmerged eval: 1.7x slower)
+        model = model.merge_and_unload()  # type: ignore[operator]
     t_eval = time.perf_counter()
     acc = _accuracy(model, data, "val", cfg)
     last = losses[-10:]
