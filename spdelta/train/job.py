@@ -296,11 +296,22 @@ def _optimizer(cfg: TrainConfig, support: Support, shapes: Mapping[str, tuple[in
     return adamw(cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def _static(inner: Callable[[Any, Batch], tuple[Any, dict[str, float]]]) -> StepFn:
+    """A fixed-support ``TrainState`` step as a step on the job's ``SpielState``."""
+    from spdelta.train._loop import TrainState
+
+    def static_step(s: SpielState, batch: Batch) -> tuple[SpielState, dict[str, float]]:
+        t, metrics = inner(TrainState(s.values, s.opt_state, s.step), batch)
+        return s._replace(values=t.values, opt_state=t.opt_state, step=t.step), metrics
+
+    return static_step
+
+
 def _step_fn(cfg: TrainConfig, model: Any, base: Params, support: Support, optimizer: Any,
              total: int, world: int) -> StepFn:
     from spdelta.dist import make_dist_spiel_step, make_dist_train_step
     from spdelta.functional import make_loss_fn
-    from spdelta.train._loop import TrainState, make_train_step
+    from spdelta.train._loop import make_train_step
     from spdelta.train.spiel import make_spiel_step
 
     loss_fn = make_loss_fn(model)  # the fast path, NF4 targets included
@@ -312,13 +323,7 @@ def _step_fn(cfg: TrainConfig, model: Any, base: Params, support: Support, optim
             return make_dist_spiel_step(loss_fn, base, optimizer, **kwargs)
         return make_spiel_step(loss_fn, base, optimizer, **kwargs)
     make = make_dist_train_step if world > 1 else make_train_step
-    inner = make(loss_fn, optimizer, base, support)
-
-    def static_step(s: SpielState, batch: Batch) -> tuple[SpielState, dict[str, float]]:
-        t, metrics = inner(TrainState(s.values, s.opt_state, s.step), batch)
-        return s._replace(values=t.values, opt_state=t.opt_state, step=t.step), metrics
-
-    return static_step
+    return _static(make(loss_fn, optimizer, base, support))
 
 
 def _fsdp(cfg: TrainConfig, model: Any, state: SpielState, total: int,
@@ -332,7 +337,6 @@ def _fsdp(cfg: TrainConfig, model: Any, state: SpielState, total: int,
         shard_with_deltas,
     )
     from spdelta.optim import adamw
-    from spdelta.train._loop import TrainState
 
     # A tensor the global top-k left empty gets no DeltaLinear (FSDP cannot shard 0 values).
     model = shard_with_deltas(model, {n: i for n, i in state.support.items() if i.numel()})
@@ -351,13 +355,7 @@ def _fsdp(cfg: TrainConfig, model: Any, state: SpielState, total: int,
             model, optimizer, total_steps=total, regrowth="ag",
             update_every=cfg.update_every, accumulate_steps=cfg.accumulate_steps,
             initial_fraction=cfg.initial_fraction)
-    inner = make_fsdp_train_step(model, optimizer)
-
-    def static_step(s: SpielState, batch: Batch) -> tuple[SpielState, dict[str, float]]:
-        t, metrics = inner(TrainState(s.values, s.opt_state, s.step), batch)
-        return s._replace(values=t.values, opt_state=t.opt_state, step=t.step), metrics
-
-    return model, state, static_step
+    return model, state, _static(make_fsdp_train_step(model, optimizer))
 
 
 def _plot(log: list[dict[str, float]], path: Path, title: str) -> bool:
