@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import inspect
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -199,7 +201,10 @@ def sentiment_accuracy(
 
     At the position before each response, the logits of the first tokens of
     ``"negative"`` and ``"positive"`` are compared (a two-way classifier read off
-    the language model, zero-shot or after training).
+    the language model, zero-shot or after training). The prompt tokens that every
+    review of a batch shares (chat template and instruction, about half of each
+    sequence) are run once and reused as a key/value cache when the model takes
+    ``past_key_values``; the logits equal a plain forward pass up to rounding.
 
     Args:
         model: A causal LM returning ``.logits`` (``(B, T, vocab)``).
@@ -223,6 +228,10 @@ def sentiment_accuracy(
     # accuracy does not depend on the order.
     lengths = [len(t) for t in dataset["text"]]
     order = sorted(range(len(dataset)), key=lambda i: -lengths[i])
+    params = inspect.signature(model.forward).parameters
+    use_prefix = "past_key_values" in params or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    prefix = _SharedPrefix(model)
     correct = 0
     total = (len(dataset) + batch_size - 1) // batch_size
     for batch in tqdm(
@@ -236,10 +245,50 @@ def sentiment_accuracy(
         del batch["labels"]  # no loss needed
         first = (targets != -100).int().argmax(dim=1)  # the kept position predicting the answer
         rows = torch.arange(len(first))
+        if use_prefix:
+            batch = prefix.inputs(batch)
         scores = model(**batch).logits[rows, first][:, word_ids]
         truth = (targets[rows, first] == word_ids[1]).long()
         correct += int((scores.argmax(dim=1) == truth).sum())
     return correct / len(dataset)
+
+
+class _SharedPrefix:
+    """The key/value cache of the tokens that open every row of a left-padded batch.
+
+    ``inputs(batch)`` returns the batch's keyword arguments with that prefix cut off
+    and replaced by ``past_key_values``: a copy of the prefix cache, computed once per
+    distinct prefix, repeated over the rows. The suffixes stay left-padded (the
+    attention mask holds the gap) and keep their original position ids.
+    """
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.key: tuple[int, ...] = ()
+        self.cache: Any = None
+
+    def inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        rows, width = ids.shape
+        starts = width - mask.sum(dim=1)  # left padding per row
+        n = int(width - starts.max()) - 1  # leave every row at least one token of its own
+        if n < 1:
+            return batch
+        toks = ids.gather(1, starts[:, None] + torch.arange(n)[None])  # (B, n) opening tokens
+        p = int((toks == toks[:1]).all(dim=0).int().cumprod(dim=0).sum())
+        if p < 1:
+            return batch
+        key = tuple(toks[0, :p].tolist())
+        if key != self.key:
+            out = self.model(input_ids=toks[:1, :p], use_cache=True)
+            self.key, self.cache = key, out.past_key_values
+        cache = copy.deepcopy(self.cache)
+        cache.batch_repeat_interleave(rows)
+        suffix_mask = (torch.arange(width - p)[None] >= starts[:, None]).long()
+        positions = p + (suffix_mask.cumsum(dim=1) - 1).clamp(min=0)
+        return {**batch, "input_ids": ids[:, p:], "position_ids": positions,
+                "attention_mask": torch.cat([mask.new_ones(rows, p), suffix_mask], dim=1),
+                "past_key_values": cache, "use_cache": True}
 
 
 _BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json",

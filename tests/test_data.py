@@ -87,3 +87,26 @@ def test_sentiment_accuracy_matches_a_direct_count(tokenizer, tiny_llama) -> Non
         ]
         correct += int((logits[pos] > logits[neg]) == bool(label))
     assert acc == correct / 4
+
+
+def test_shared_prefix_cache_gives_each_reviews_own_logits(tokenizer, tiny_llama) -> None:
+    from spdelta.data import _SharedPrefix
+
+    model = tiny_llama.eval()  # float64, but HF's eager attention takes its softmax in fp32
+    prompts = ["Is this movie review positive or negative?\nReview: " + t
+               for t in ("a good film", "bad", "a dull dull film", "good good")]
+    batch = encode_prompt_response(tokenizer, prompts, ["positive"] * 4)
+    keep = batch["logits_to_keep"]
+    for key in ("labels", "shift_labels"):
+        del batch[key]
+    prefix = _SharedPrefix(model)
+    with torch.no_grad():
+        cut = prefix.inputs(batch)
+        assert cut["input_ids"].shape[1] < batch["input_ids"].shape[1]  # a prefix was cut
+        got = model(**cut).logits
+        again = model(**prefix.inputs(batch)).logits  # the cached prefix, reused
+        for row, (ids, mask) in enumerate(zip(batch["input_ids"], batch["attention_mask"],
+                                               strict=True)):
+            alone = model(input_ids=ids[mask.bool()][None]).logits[0, -keep:]  # no padding
+            torch.testing.assert_close(got[row], alone, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(again[row], alone, rtol=1e-5, atol=1e-6)
