@@ -27,11 +27,10 @@ from spdelta.dist._fsdp import (
     DeltaLinear,
     fsdp_delta,
     fsdp_init,
-    fsdp_spiel_init,
-    make_fsdp_spiel_step,
     make_fsdp_train_step,
     shard_with_deltas,
 )
+from spdelta.dist._fsdp_spiel import fsdp_spiel_init, make_fsdp_spiel_step
 from spdelta.dist._steps import (
     DIST_METRICS,
     make_dist_spiel_step,

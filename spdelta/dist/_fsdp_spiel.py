@@ -1,0 +1,243 @@
+"""SpIEL-AG under FSDP2: supports regrown from sharded dense gradients."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from spdelta.dist._fsdp import (
+    Batch,
+    DeltaLinear,
+    _delta_layers,
+    _forward_backward,
+    _value_params,
+    _whole,
+)
+from spdelta.dist._sync import all_reduce_mean, assert_replicated
+from spdelta.errors import ParameterError
+from spdelta.optim import Transform, apply_updates, remap_state
+from spdelta.optim.reset import state_from_tree, state_to_tree
+from spdelta.train.spiel import (
+    Regrowth,
+    Schedule,
+    SpielState,
+    make_spiel_step,
+    prune_fraction,
+    prune_regrow,
+)
+from spdelta.types import Values
+
+__all__ = ["fsdp_spiel_init", "make_fsdp_spiel_step"]
+
+
+def fsdp_spiel_init(model: nn.Module, optimizer: Transform) -> SpielState:
+    """Step-0 SpIEL state for a model from :func:`shard_with_deltas`.
+
+    ``values`` are sharded DTensors (copies of the module's), ``support`` the full
+    supports of the :class:`DeltaLinear` buffers (identical on every rank), the
+    optimizer state is fresh and sharded like the values, ``grad_acc`` is empty and
+    there is no generator state. Also the ``template`` to pass to
+    :func:`~spdelta.dist.load_checkpoint` to resume at any world size.
+
+    Args:
+        model: From :func:`shard_with_deltas`.
+        optimizer: An element-wise transform (e.g. :func:`spdelta.optim.adamw`).
+
+    Returns:
+        A :class:`~spdelta.train.spiel.SpielState` at step 0.
+
+    Example:
+        >>> state = fsdp_spiel_init(model, adamw(1e-3))  # doctest: +SKIP
+    """
+    values = {n: p.detach().clone() for n, p in _value_params(model).items()}
+    layers = _delta_layers(model)
+    support = {n: layers[n].support.clone() for n in values}
+    return SpielState(values, support, optimizer.init(values), 0, {}, None)
+
+
+def _sharded_like(full: Tensor, like: Tensor) -> Tensor:
+    """``full`` (identical on every rank) laid out as ``like``: each rank keeps its own shard."""
+    if not isinstance(like, DTensor):
+        return full
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
+
+
+def _map_named(tree: Any, name: str, fn: Callable[[tuple[Any, ...], Tensor], Tensor],
+               path: tuple[Any, ...] = ()) -> Any:
+    """Apply ``fn(path, tensor)`` to every tensor stored under the key ``name`` in ``tree``."""
+    if isinstance(tree, dict):
+        return {k: fn((*path, k), v) if k == name and isinstance(v, Tensor)
+                else _map_named(v, name, fn, (*path, k)) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_map_named(v, name, fn, (*path, i)) for i, v in enumerate(tree)]
+    return tree
+
+
+def _remap_one(opt_state: Any, name: str, old: Tensor, new: Tensor) -> Any:
+    """:func:`~spdelta.optim.remap_state` for one tensor's entries, gathered and resharded.
+
+    The state is walked in its public tree form (:func:`~spdelta.optim.reset.state_to_tree`),
+    so any state ``remap_state`` knows works; only ``name``'s tensors are made whole.
+    """
+    layouts: dict[tuple[Any, ...], Tensor] = {}
+
+    def gather(path: tuple[Any, ...], t: Tensor) -> Tensor:
+        layouts[path] = t
+        return _whole(t)
+
+    def scatter(path: tuple[Any, ...], t: Tensor) -> Tensor:
+        return _sharded_like(t, layouts[path]) if path in layouts else t
+
+    whole = state_from_tree(_map_named(state_to_tree(opt_state), name, gather))
+    moved = remap_state(whole, {name: old}, {name: new})
+    return state_from_tree(_map_named(state_to_tree(moved), name, scatter))
+
+
+def _accumulate(grad_acc: Values, weights: Mapping[str, nn.Parameter], values: Values) -> Values:
+    """Add the weights' (sharded, rank-mean) dense gradients to ``grad_acc``; clear them."""
+    out = dict(grad_acc)
+    for n, w in weights.items():
+        g = (w.grad if w.grad is not None else torch.zeros_like(w)).to(values[n].dtype)
+        w.grad = None
+        prev = out.get(n)
+        if prev is not None and not isinstance(prev, DTensor):  # loaded whole: shard it
+            prev = _sharded_like(prev.reshape(w.shape).to(g.dtype), g)
+        out[n] = g if prev is None else prev + g  # (out, in), sharded like the weight
+    return out
+
+
+def _regrow(state: SpielState, fraction: float, layers: Mapping[str, DeltaLinear]
+            ) -> tuple[SpielState, int]:
+    """:func:`prune_regrow` per tensor on whole (gathered) values and scores, then reshard."""
+    values, support, opt_state = dict(state.values), dict(state.support), state.opt_state
+    regrown = 0
+    for n in sorted(support):
+        scores = _whole(state.grad_acc[n]).reshape(-1).abs()  # (numel,), transient
+        res = prune_regrow(support[n], _whole(values[n]), scores, fraction=fraction)
+        values[n] = _sharded_like(res.values, values[n])
+        opt_state = _remap_one(opt_state, n, support[n], res.support)
+        support[n] = res.support
+        with torch.no_grad():
+            layers[n].support.copy_(res.support)
+        regrown += int(res.grown.sum())
+    return state._replace(values=values, support=support, opt_state=opt_state, grad_acc={}), regrown
+
+
+def make_fsdp_spiel_step(
+    model: nn.Module, optimizer: Transform, *, total_steps: int, regrowth: Regrowth = "ag",
+    update_every: int = 20, accumulate_steps: int = 5, initial_fraction: float = 0.2,
+    schedule: Schedule = "linear", loss: Callable[[Any, Batch], Tensor] | None = None,
+    group: dist.ProcessGroup | None = None, check_supports: bool = True,
+) -> Callable[[SpielState, Batch], tuple[SpielState, dict[str, float]]]:
+    """:func:`spdelta.train.spiel.make_spiel_step` (AG) for a model from :func:`shard_with_deltas`.
+
+    Same schedule and semantics as the single-process step, on global gradients: step
+    ``t`` regrows when ``t % update_every == 0`` and ``t < total_steps``, and AG sums
+    the dense gradient of each target weight over the ``accumulate_steps`` steps
+    ending there. During those steps the frozen base weights of the
+    :class:`DeltaLinear` layers are marked as requiring a gradient, so FSDP2
+    reduce-scatters their rank-mean dense gradient like the values' (the kernel
+    computes ``dL/dW = g^T x`` once and gathers the values' gradient from it); the
+    sum stays sharded like the weight in ``state.grad_acc`` (DTensors of shape
+    ``(out, in)``, not flattened as in one process: FSDP shards rows, and an uneven
+    row split has no flat DTensor layout). Each rank thus holds ``1/world`` of a
+    dense gradient per target during the window, in the values' dtype.
+
+    At a regrowth step, per tensor, the summed gradient and the values are gathered
+    whole on every rank (transient), :func:`~spdelta.train.spiel.prune_regrow` (ties
+    broken deterministically) picks the new support, which is written to the layer's
+    ``support`` buffer; the new values and this tensor's optimizer state
+    (:func:`~spdelta.optim.remap_state`: survivors keep theirs, regrown entries start
+    at 0) are resharded like before. ``values`` keeps its shape (``nnz`` never changes).
+
+    Each step first writes ``state.values`` and ``state.support`` into the modules, so
+    ``state`` is the source of truth: resume from :func:`~spdelta.dist.load_checkpoint`
+    with ``template=fsdp_spiel_init(model, optimizer)`` at any world size (a whole
+    ``grad_acc``, e.g. from a single-process checkpoint, is sharded on first use).
+    Loaded without a template at world size 1, the state continues under
+    ``make_spiel_step`` once ``grad_acc`` is flattened (``g.reshape(-1)``).
+
+    Args:
+        model: From :func:`shard_with_deltas`; weights and values of one dtype.
+        optimizer: An element-wise transform (e.g. :func:`spdelta.optim.adamw`).
+        total_steps: Length of the run (the schedule's horizon).
+        regrowth: Only ``"ag"``; ``"ma"`` raises (see Raises).
+        update_every: ``R``, steps between regrowths.
+        accumulate_steps: ``S``, AG window length, ``1 <= S <= R``.
+        initial_fraction: Prune fraction at step 0, annealed to 0 by ``schedule``.
+        schedule: ``"linear"`` or ``"cosine"``.
+        loss: ``loss(output, batch)``; ``None`` uses ``output.loss``.
+        group: Group for the reported loss (the rank mean) and the support check.
+        check_supports: After each regrowth, verify with
+            :func:`~spdelta.dist.assert_replicated` that all ranks hold the same supports.
+
+    Returns:
+        ``step(state, local_batch) -> (state, metrics)``; metrics ``loss`` (before the
+        update, rank mean), ``step``, ``fraction`` and ``regrown`` (0 off regrowth steps).
+
+    Raises:
+        ParameterError: A hyperparameter is out of range, or ``regrowth="ma"``: MA
+            scores by SM3's row and column accumulators, maxima over whole rows and
+            columns, while FSDP shards the values by entry, so every SM3 update would
+            need cross-rank reductions the element-wise sharded optimizer does not do.
+            Use AG here, or :func:`~spdelta.dist.make_dist_spiel_step` for MA.
+
+    Example:
+        >>> model = shard_with_deltas(model, support)  # doctest: +SKIP
+        >>> step = make_fsdp_spiel_step(model, adamw(1e-3), total_steps=1000)  # doctest: +SKIP
+        >>> state, metrics = step(fsdp_spiel_init(model, adamw(1e-3)), batch)  # doctest: +SKIP
+
+    References:
+        Ansell et al., "Scaling Sparse Fine-Tuning to Large Language Models", 2024,
+        https://arxiv.org/abs/2401.16405
+    """
+    # make_spiel_step validates the hyperparameters (same rules and messages); its step is unused.
+    make_spiel_step(lambda *a: torch.zeros(()), {}, optimizer, total_steps=total_steps,
+                    regrowth=regrowth, update_every=update_every,
+                    accumulate_steps=accumulate_steps, initial_fraction=initial_fraction,
+                    schedule=schedule)
+    if regrowth == "ma":
+        raise ParameterError("make_fsdp_spiel_step: regrowth='ma' is not supported under FSDP: "
+                             "SM3's row/column accumulators mix entries that FSDP shards over "
+                             "ranks; use regrowth='ag' (with adamw), or make_dist_spiel_step.")
+    params = _value_params(model)
+    named = dict(model.named_parameters())
+    weights = {n: named[n] for n in params}  # the sharded base weights
+    layers = _delta_layers(model)
+
+    def fsdp_spiel_step(state: SpielState, batch: Batch) -> tuple[SpielState, dict[str, float]]:
+        t = state.step + 1
+        next_regrow = -(-t // update_every) * update_every  # the first regrowth step >= t
+        regrow_now = t == next_regrow and t < total_steps
+        in_window = next_regrow - t < accumulate_steps and next_regrow < total_steps
+        with torch.no_grad():
+            for n, layer in layers.items():
+                layer.support.copy_(state.support[n])
+        for w in weights.values():  # FSDP then reduce-scatters dL/dW too (AG's gradient)
+            w.requires_grad_(in_window)
+        try:
+            grads, value = _forward_backward(model, params, state.values, batch, loss)
+        finally:
+            for w in weights.values():
+                w.requires_grad_(False)
+        grad_acc = _accumulate(state.grad_acc, weights, state.values) if in_window else (
+            state.grad_acc)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.values)
+        values = {n: v.detach() for n, v in apply_updates(state.values, updates).items()}
+        state = state._replace(values=values, opt_state=opt_state, step=t, grad_acc=grad_acc)
+        mean = all_reduce_mean({"l": value.reshape(1)}, group)["l"]
+        metrics = {"loss": float(mean), "step": float(t), "fraction": 0.0, "regrown": 0.0}
+        if regrow_now:
+            fraction = prune_fraction(t, total_steps, initial=initial_fraction, schedule=schedule)
+            state, regrown = _regrow(state, fraction, layers)
+            if check_supports:
+                assert_replicated(state.support, group, what="SpIEL support")
+            metrics.update(fraction=fraction, regrown=float(regrown))
+        return state, metrics
+
+    return fsdp_spiel_step
