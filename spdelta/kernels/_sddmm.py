@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-import weakref
 from typing import Any
 
 import torch
@@ -32,31 +31,17 @@ def sampled_grad_dense(g: Tensor, x: Tensor, indices: Tensor) -> Tensor:
     return (g.t() @ x).reshape(-1)[indices]
 
 
-#: (id(indices), version, out, in, dtype) -> (weakref to indices, CSR pattern). A support
-#: is static across steps, so its pattern is built once; the weakref and the version
-#: guard against a reused id or an in-place edit, and the entry goes when the indices do.
-_PATTERNS: dict[tuple[Any, ...], tuple[weakref.ref[Tensor], Tensor]] = {}
-_MAX_PATTERNS = 4096
-
-
-def _cached_pattern(indices: Tensor, shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
-    key = (id(indices), indices._version, *shape, dtype)
-    hit = _PATTERNS.get(key)
-    if hit is not None and hit[0]() is indices:
-        return hit[1]
-    pattern = _csr_pattern(indices, shape, dtype)
-    if len(_PATTERNS) >= _MAX_PATTERNS:
-        _PATTERNS.clear()
-    _PATTERNS[key] = (weakref.ref(indices, lambda _: _PATTERNS.pop(key, None)), pattern)
-    return pattern
-
-
 def _csr_pattern(indices: Tensor, shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
+    """The CSR matrix of ``shape`` with zeros at the sorted flat ``indices``.
+
+    Built on every call (about 0.1 ms for 7k entries) rather than cached: a cache
+    would hold ``12 * nnz`` bytes per tensor through the memory peak of a step.
+    """
     out_features, in_features = shape
-    rows = torch.div(indices, in_features, rounding_mode="floor")
-    crow = torch.zeros(out_features + 1, dtype=torch.int64, device=indices.device)
-    crow[1:] = torch.bincount(rows, minlength=out_features).cumsum(0)
-    cols = indices - rows * in_features
+    bounds = torch.arange(0, (out_features + 1) * in_features, in_features,
+                          device=indices.device)
+    crow = torch.searchsorted(indices, bounds)  # row r's entries: crow[r] <= k < crow[r+1]
+    cols = indices % in_features
     values = torch.zeros(indices.numel(), dtype=dtype, device=indices.device)
     with warnings.catch_warnings():  # torch warns (once) that CSR support is in beta.
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
@@ -78,7 +63,7 @@ class SampledGrad(torch.autograd.Function):
         """Sparse SDDMM on plain tensors; see :func:`sampled_grad`."""
         if indices.numel() == 0 or g.shape[0] == 0:
             return torch.zeros(indices.shape, dtype=g.dtype, device=g.device)
-        pattern = _cached_pattern(indices, (out_features, x.shape[1]), g.dtype)
+        pattern = _csr_pattern(indices, (out_features, x.shape[1]), g.dtype)
         return torch.sparse.sampled_addmm(pattern, g.t(), x, beta=0.0).values()
 
     @staticmethod

@@ -133,15 +133,14 @@ def test_bf16_base_close_to_fp32_reference(values_dtype: torch.dtype) -> None:
     assert err < 3e-2
 
 
-def test_pattern_cache_drops_dead_supports() -> None:
+def test_csr_pattern_holds_the_support() -> None:
     from spdelta.kernels import _sddmm
 
-    g, x = torch.ones(2, 3, dtype=F64), torch.ones(2, 4, dtype=F64)
-    idx = torch.tensor([0, 5, 11])
-    sampled_grad(g, x, idx, (3, 4))
-    key = next(k for k in _sddmm._PATTERNS if k[0] == id(idx))
-    del idx
-    assert key not in _sddmm._PATTERNS
+    idx = torch.tensor([0, 5, 11, 12, 23])  # (row, col): (0,0) (1,0) (2,1) (2,2) (4,3)
+    p = _sddmm._csr_pattern(idx, (6, 5), F64)
+    assert p.crow_indices().tolist() == [0, 1, 2, 4, 4, 5, 5]  # rows 3 and 5 empty
+    assert p.col_indices().tolist() == [0, 0, 1, 2, 3]
+    assert p.values().dtype == F64 and not p.values().any()
 
 
 @settings(max_examples=40, deadline=None)
