@@ -30,9 +30,20 @@ once per learning rate of its grid (``--lrs-*``), each run from the pretrained
 weights. The run with the best validation accuracy wins (ties: the first LR listed);
 its model, kept in memory, is evaluated once on the test set (no retraining).
 
+The two-point grids come from earlier runs, on validation only: the sparse methods
+first shared [1e-3, 3e-3]. 3e-3 diverged for gradient SPEFT (val 0.540 and 0.467)
+and SpIEL (0.710, 0.507), and gradient SPEFT at 40 steps reached val 0.693 at 1e-3
+but 0.807 at 3e-4; magnitude SPEFT was best at 3e-3 (0.800 vs 0.747). Entries
+chosen for their large gradients move the loss most per step, so they take a smaller
+rate; entries chosen for their large weights take a larger one.
+
 Process and memory: each method runs in a fresh child process (multiprocessing
 ``spawn``, with ``MALLOC_MMAP_THRESHOLD_=131072`` so that freed buffers leave the
-resident set, as in ``train_step.py``). Memory is the resident set (RSS), not a
+resident set, as in ``train_step.py``), ``--jobs`` (2) at a time, longest first, with
+``--threads`` = cores / jobs torch threads each. On this 2-core CPU two 1-thread
+children ran a training step each in 5.3-5.7 s while one 2-thread child took
+5.0-5.5 s, so two at a time nearly halve the run; every method runs under the same
+conditions, so step times stay comparable across methods (not with ``--jobs 1``). Memory is the resident set (RSS), not a
 tensor count: after imports the child reads ``VmRSS`` (``rss_base``); before each
 training run it builds a fresh model, reads ``VmRSS`` (``rss_before``), resets the
 kernel's high-water mark (``/proc/self/clear_refs``), trains, and reads ``VmHWM``.
@@ -80,7 +91,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from multiprocessing import get_context
@@ -93,12 +104,13 @@ from train_step import _reset_peak_rss, _status_kb
 
 METHODS = ("zero_shot", "full", "lora", "speft_gradient", "speft_magnitude", "spiel_ag")
 SPARSE = ("speft_gradient", "speft_magnitude", "spiel_ag")
-#: Seconds per training step, fp32, batch 8, max_length 96, 2 threads, idle (see the docstring).
-STEP_S = {"full": 4.6, "lora": 4.8, "speft_gradient": 4.6, "speft_magnitude": 4.5,
-          "spiel_ag": 4.7}
+#: Seconds per training step, fp32, batch 8, max_length 96, 1 thread per child, two children
+#: at once on 2 cores (see the docstring).
+STEP_S = {"full": 5.5, "lora": 5.5, "speft_gradient": 5.5, "speft_magnitude": 5.5,
+          "spiel_ag": 5.5}
 #: Seconds per evaluated review (batches of 32), per gradient-calibration example, per
 #: SPEFT top-k selection, per child process (spawn, imports, data, model) and per LR run.
-EVAL_S, CALIB_S, SELECT_S, CHILD_S, RUN_S = 0.18, 0.5, 5.0, 15.0, 2.0
+EVAL_S, CALIB_S, SELECT_S, CHILD_S, RUN_S = 0.15, 0.5, 5.0, 15.0, 2.0
 Batch = dict[str, Any]
 
 
@@ -121,25 +133,35 @@ class Config:
     spiel_accumulate_steps: int = 5
     seed: int = 0
     threads: int | None = None
+    jobs: int = 2
     bf16: bool = False
     cache_dir: str | None = None
 
 
-def estimate_seconds(cfg: Config) -> float:
-    """Expected wall time of the run on an idle 2-core machine (see the docstring)."""
+def method_seconds(cfg: Config, method: str) -> float:
+    """Expected wall time of one method's child (see the docstring)."""
     scale = cfg.batch_size / 8 * min(cfg.max_length, 96) / 96
     eval_s = EVAL_S * min(cfg.max_length, 96) / 96
-    total = 0.0
-    for m in cfg.methods:
-        total += CHILD_S + cfg.test_examples * eval_s
-        if m == "zero_shot":
-            total += cfg.val_examples * eval_s
-            continue
-        setup = SELECT_S if m.startswith("speft") else 0.0
-        setup += CALIB_S * cfg.calibration_examples if m == "speft_gradient" else 0.0
-        per_run = cfg.steps * STEP_S[m] * scale + cfg.val_examples * eval_s + setup + RUN_S
-        total += len(cfg.lrs[m]) * per_run
-    return total
+    total = CHILD_S + cfg.test_examples * eval_s
+    if method == "zero_shot":
+        return total + cfg.val_examples * eval_s
+    setup = SELECT_S if method.startswith("speft") else 0.0
+    setup += CALIB_S * cfg.calibration_examples if method == "speft_gradient" else 0.0
+    per_run = cfg.steps * STEP_S[method] * scale + cfg.val_examples * eval_s + setup + RUN_S
+    return total + len(cfg.lrs[method]) * per_run
+
+
+def estimate_seconds(cfg: Config) -> float:
+    """Expected wall time of the run on an idle 2-core machine (see the docstring).
+
+    The methods' children run ``cfg.jobs`` at a time, longest first (the order
+    :func:`run` submits them in), each as long as :func:`method_seconds` says.
+    """
+    workers = [0.0] * max(1, cfg.jobs)
+    for m in sorted(cfg.methods, key=lambda m: -method_seconds(cfg, m)):
+        i = workers.index(min(workers))
+        workers[i] += method_seconds(cfg, m)
+    return max(workers)
 
 
 # ---------------------------------------------------------------- child process
@@ -399,13 +421,12 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _spawn(method: str, cfg: Config) -> dict[str, Any]:
-    """Run :func:`run_method` in a fresh spawned process; an exception becomes ``error``."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        try:
-            return pool.submit(run_method, method, asdict(cfg)).result()
-        except Exception as err:  # report and go on with the other methods
-            return {"error": f"{type(err).__name__}: {err}"}
+def _result(future: Any) -> dict[str, Any]:
+    """A child's result; its exception becomes ``error`` (the other methods go on)."""
+    try:
+        return future.result()  # type: ignore[no-any-return]
+    except Exception as err:
+        return {"error": f"{type(err).__name__}: {err}"}
 
 
 def _write(out_dir: Path, report: dict[str, Any]) -> str:
@@ -431,13 +452,21 @@ def run(cfg: Config, out_dir: Path, say: Callable[[str], None] = print) -> dict[
                    "transformers": transformers.__version__, "peft": peft.__version__,
                    "estimate_s": est}, "results": {}}
     t0 = time.perf_counter()
-    for i, m in enumerate(cfg.methods, 1):
-        say(f"[{i}/{len(cfg.methods)}] {m} (elapsed {time.perf_counter() - t0:.0f} s)")
-        report["results"][m] = r = _spawn(m, cfg)
-        say(f"    {m}: " + (r["error"] if "error" in r else
-                            f"val {r['val_accuracy']:.3f}, test {r['test_accuracy']:.3f}"))
-        report["elapsed_s"] = time.perf_counter() - t0
-        _write(out_dir, report)
+    order = sorted(cfg.methods, key=lambda m: -method_seconds(cfg, m))  # longest first
+    with ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=get_context("spawn"),
+                             max_tasks_per_child=1) as pool:  # a fresh process per method
+        futures = {pool.submit(run_method, m, asdict(cfg)): m for m in order}
+        say(f"running {cfg.jobs} at a time, longest first: {', '.join(order)}")
+        for done, future in enumerate(as_completed(futures), 1):
+            m = futures[future]
+            r = _result(future)
+            say(f"[{done}/{len(order)}] {m}: " + (r["error"] if "error" in r else (
+                f"val {r['val_accuracy']:.3f}, test {r['test_accuracy']:.3f}")) +
+                f" (elapsed {time.perf_counter() - t0:.0f} s)")
+            results = {**report["results"], m: r}
+            report["results"] = {k: results[k] for k in cfg.methods if k in results}
+            report["elapsed_s"] = time.perf_counter() - t0
+            _write(out_dir, report)
     say(_write(out_dir, report))
     say(f"done in {report['elapsed_s'] / 60:.1f} min (estimated {est / 60:.0f} min); "
         f"{out_dir / 'quality.json'}, {out_dir / 'quality.md'}")
@@ -461,11 +490,14 @@ def parse(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     p.add_argument("--lora-rank", type=int, default=None, help="default: matched to the budget")
     p.add_argument("--lrs-full", type=_floats, default=[3e-5, 1e-4])
     p.add_argument("--lrs-lora", type=_floats, default=[5e-4, 2e-3])
-    p.add_argument("--lrs-speft", type=_floats, default=[1e-3, 3e-3],
-                   help="speft_gradient and speft_magnitude")
-    p.add_argument("--lrs-spiel", type=_floats, default=[1e-3, 3e-3])
+    p.add_argument("--lrs-speft-gradient", type=_floats, default=[3e-4, 1e-3])
+    p.add_argument("--lrs-speft-magnitude", type=_floats, default=[1e-3, 3e-3])
+    p.add_argument("--lrs-spiel", type=_floats, default=[3e-4, 1e-3])
     p.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: as is)")
+    p.add_argument("--jobs", type=int, default=d.jobs,
+                   help="methods run at once, each in its own process (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per process (default: CPU cores / jobs)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 (25x slower on this CPU)")
     p.add_argument("--cache-dir", default=None, help="converted checkpoint cache")
     p.add_argument("--out", default="bench-quality", help="directory for quality.json/.md")
@@ -474,13 +506,17 @@ def parse(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     methods = tuple(a.methods.split(","))
     if unknown := sorted(set(methods) - set(METHODS)):
         p.error(f"unknown methods {unknown}; choose from {','.join(METHODS)}")
-    lrs = {"full": a.lrs_full, "lora": a.lrs_lora, "speft_gradient": a.lrs_speft,
-           "speft_magnitude": a.lrs_speft, "spiel_ag": a.lrs_spiel}
+    lrs = {"full": a.lrs_full, "lora": a.lrs_lora, "speft_gradient": a.lrs_speft_gradient,
+           "speft_magnitude": a.lrs_speft_magnitude, "spiel_ag": a.lrs_spiel}
     if any(not lrs[m] for m in methods if m != "zero_shot"):
         p.error("every trained method needs at least one learning rate")
+    if a.jobs < 1:
+        p.error(f"--jobs must be at least 1; found {a.jobs}")
+    if a.threads is None:
+        a.threads = max(1, (os.cpu_count() or 1) // a.jobs)
     keys = ("steps", "batch_size", "max_length", "val_examples", "test_examples",
             "eval_batch_size", "density", "lora_rank", "calibration_examples",
-            "spiel_update_every", "spiel_accumulate_steps", "seed", "threads", "bf16",
+            "spiel_update_every", "spiel_accumulate_steps", "seed", "threads", "jobs", "bf16",
             "cache_dir")
     cfg = Config(methods=methods, lrs={m: lrs[m] for m in methods if m in lrs},
                  **{k: getattr(a, k) for k in keys})
