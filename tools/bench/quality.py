@@ -33,17 +33,19 @@ its model, kept in memory, is evaluated once on the test set (no retraining).
 The two-point grids come from earlier runs, on validation only: the sparse methods
 first shared [1e-3, 3e-3]. 3e-3 diverged for gradient SPEFT (val 0.540 and 0.467)
 and SpIEL (0.710, 0.507), and gradient SPEFT at 40 steps reached val 0.693 at 1e-3
-but 0.807 at 3e-4; magnitude SPEFT was best at 3e-3 (0.800 vs 0.747). Entries
-chosen for their large gradients move the loss most per step, so they take a smaller
-rate; entries chosen for their large weights take a larger one.
+but 0.807 at 3e-4; magnitude SPEFT was best at 3e-3 (0.800 vs 0.747). A likely
+reason, not tested: entries chosen for their large gradients move the loss most per
+step, entries chosen for their large weights the least.
 
 Process and memory: each method runs in a fresh child process (multiprocessing
 ``spawn``, with ``MALLOC_MMAP_THRESHOLD_=131072`` so that freed buffers leave the
 resident set, as in ``train_step.py``), ``--jobs`` (2) at a time, longest first, with
-``--threads`` = cores / jobs torch threads each. On this 2-core CPU two 1-thread
-children ran a training step each in 5.3-5.7 s while one 2-thread child took
-5.0-5.5 s, so two at a time nearly halve the run; every method runs under the same
-conditions, so step times stay comparable across methods (not with ``--jobs 1``). Memory is the resident set (RSS), not a
+``--threads`` = cores / jobs torch threads each; every method runs under the same
+conditions, so step times are comparable across methods, not across ``--jobs``
+settings. Measured on this 2-core CPU: two 1-thread children took 8.7-10.7 s per
+step, one 2-thread child 4.9-6.1 s, so two at a time gain about 10 % throughput
+(two 1-thread children without the small mmap threshold: 5.3-5.7 s per step).
+Memory is the resident set (RSS), not a
 tensor count: after imports the child reads ``VmRSS`` (``rss_base``); before each
 training run it builds a fresh model, reads ``VmRSS`` (``rss_before``), resets the
 kernel's high-water mark (``/proc/self/clear_refs``), trains, and reads ``VmHWM``.
@@ -64,14 +66,14 @@ avx512_bf16, bf16 training measured about 25x slower than fp32 (contrary to the 
 speed-up ASSETS.md reports for CPUs that have it).
 
 The estimate printed at the start (``estimate_seconds``) adds up ``STEP_S``,
-``EVAL_S`` and the other constants below, scaled linearly with batch size and with
-``min(max_length, 96)`` (reviews rarely need more than 96 tokens). They were measured
-in a full run on this 2-core CPU (idle, fp32, 2 threads, batch 8, ``max_length`` 96,
-60 steps, 2026-11-23): every method's median step took 4.5-4.8 s, an evaluated review
-0.18 s (batches of 32; LoRA's unmerged adapters 0.30 s, hence the merge before
-evaluation), gradient scoring of 64 reviews 37 s. That run took 77.3 min (estimated
-74.2 with these constants); the defaults (40 steps, 150 validation reviews) are
-estimated at about 57 min.
+``EVAL_S`` and the other constants below per method, scaled linearly with batch size
+and with ``min(max_length, 96)`` (reviews rarely need more than 96 tokens), and
+schedules the methods ``--jobs`` at a time. The constants come from the full run of
+2026-11-23 with the defaults (fp32, 2 jobs x 1 thread, batch 8, 40 steps, 150
+validation reviews): median steps took 8.7-10.7 s, an evaluated review 0.20-0.27 s,
+gradient scoring of 64 reviews 80 s; the run took about 55 min. With the children's
+small mmap threshold every large buffer is a fresh mapping, which costs time: the
+same step without it measured 5.3-5.7 s.
 
 Example:
     SPDELTA_CACHE=/tmp/spcache python tools/bench/quality.py --out bench-quality
@@ -106,11 +108,11 @@ METHODS = ("zero_shot", "full", "lora", "speft_gradient", "speft_magnitude", "sp
 SPARSE = ("speft_gradient", "speft_magnitude", "spiel_ag")
 #: Seconds per training step, fp32, batch 8, max_length 96, 1 thread per child, two children
 #: at once on 2 cores (see the docstring).
-STEP_S = {"full": 5.5, "lora": 5.5, "speft_gradient": 5.5, "speft_magnitude": 5.5,
-          "spiel_ag": 5.5}
+STEP_S = {"full": 10.1, "lora": 9.5, "speft_gradient": 8.8, "speft_magnitude": 9.0,
+          "spiel_ag": 9.3}
 #: Seconds per evaluated review (batches of 32), per gradient-calibration example, per
 #: SPEFT top-k selection, per child process (spawn, imports, data, model) and per LR run.
-EVAL_S, CALIB_S, SELECT_S, CHILD_S, RUN_S = 0.15, 0.5, 5.0, 15.0, 2.0
+EVAL_S, CALIB_S, SELECT_S, CHILD_S, RUN_S = 0.23, 1.1, 10.0, 15.0, 2.0
 Batch = dict[str, Any]
 
 
