@@ -268,10 +268,12 @@ class _SharedPrefix:
         self.cache: Any = None
 
     def inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
-        ids, mask = batch["input_ids"], batch["attention_mask"]
+        ids, mask, keep = batch["input_ids"], batch["attention_mask"], batch.get("logits_to_keep")
+        if not isinstance(keep, int) or keep < 1:
+            return batch
         rows, width = ids.shape
         starts = width - mask.sum(dim=1)  # left padding per row
-        n = int(width - starts.max()) - 1  # leave every row at least one token of its own
+        n = int(width - starts.max()) - keep  # the kept positions stay in every row's suffix
         if n < 1:
             return batch
         toks = ids.gather(1, starts[:, None] + torch.arange(n)[None])  # (B, n) opening tokens

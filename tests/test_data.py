@@ -110,3 +110,18 @@ def test_shared_prefix_cache_gives_each_reviews_own_logits(tokenizer, tiny_llama
             alone = model(input_ids=ids[mask.bool()][None]).logits[0, -keep:]  # no padding
             torch.testing.assert_close(got[row], alone, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(again[row], alone, rtol=1e-5, atol=1e-6)
+
+
+def test_shared_prefix_never_takes_the_kept_positions(tokenizer, tiny_llama) -> None:
+    from spdelta.data import _SharedPrefix
+
+    prompts = ["Is this movie review positive or negative?\nReview: good"] * 3  # identical rows
+    batch = encode_prompt_response(tokenizer, prompts, ["positive"] * 3)
+    keep = batch["logits_to_keep"]
+    for key in ("labels", "shift_labels"):
+        del batch[key]
+    with torch.no_grad():
+        cut = _SharedPrefix(tiny_llama.eval()).inputs(batch)
+        assert cut["input_ids"].shape[1] == keep  # everything else is the shared prefix
+        alone = tiny_llama(input_ids=batch["input_ids"][:1]).logits[0, -keep:]
+        torch.testing.assert_close(tiny_llama(**cut).logits[0], alone, rtol=1e-5, atol=1e-6)
