@@ -232,6 +232,7 @@ def sentiment_accuracy(
     use_prefix = "past_key_values" in params or any(
         p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     prefix = _SharedPrefix(model)
+    device = next(model.parameters()).device
     correct = 0
     total = (len(dataset) + batch_size - 1) // batch_size
     for batch in tqdm(
@@ -243,11 +244,12 @@ def sentiment_accuracy(
     ):
         targets = batch.pop("shift_labels")
         del batch["labels"]  # no loss needed
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         first = (targets != -100).int().argmax(dim=1)  # the kept position predicting the answer
         rows = torch.arange(len(first))
         if use_prefix:
             batch = prefix.inputs(batch)
-        scores = model(**batch).logits[rows, first][:, word_ids]
+        scores = model(**batch).logits[rows, first][:, word_ids].cpu()
         truth = (targets[rows, first] == word_ids[1]).long()
         correct += int((scores.argmax(dim=1) == truth).sum())
     return correct / len(dataset)
@@ -276,7 +278,7 @@ class _SharedPrefix:
         n = int(width - starts.max()) - keep  # the kept positions stay in every row's suffix
         if n < 1:
             return batch
-        toks = ids.gather(1, starts[:, None] + torch.arange(n)[None])  # (B, n) opening tokens
+        toks = ids.gather(1, starts[:, None] + torch.arange(n, device=ids.device)[None])
         p = int((toks == toks[:1]).all(dim=0).int().cumprod(dim=0).sum())
         if p < 1:
             return batch
@@ -286,7 +288,7 @@ class _SharedPrefix:
             self.key, self.cache = key, out.past_key_values
         cache = copy.deepcopy(self.cache)
         cache.batch_repeat_interleave(rows)
-        suffix_mask = (torch.arange(width - p)[None] >= starts[:, None]).long()
+        suffix_mask = (torch.arange(width - p, device=ids.device)[None] >= starts[:, None]).long()
         positions = p + (suffix_mask.cumsum(dim=1) - 1).clamp(min=0)
         return {**batch, "input_ids": ids[:, p:], "position_ids": positions,
                 "attention_mask": torch.cat([mask.new_ones(rows, p), suffix_mask], dim=1),

@@ -66,6 +66,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help=f"tokens per sequence (default {d.max_length})")
     o.add_argument("--bf16", action="store_true", help="bfloat16 base (fast on GPUs/avx512_bf16)")
     o.add_argument("--nf4", action="store_true", help="4-bit NF4 base targets (needs torchao)")
+    o.add_argument("--device", help="cpu, cuda or cuda:N (default: this process's GPU if "
+                   "there is one, else the CPU)")
     o.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard base, values and optimizer state (FSDP2)")
     o.add_argument("--seed", type=int, default=d.seed, help=f"default {d.seed}")

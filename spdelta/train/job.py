@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_map_only
 
 from spdelta._io import atomic_write
 from spdelta.delta import SparseDelta
@@ -37,7 +38,7 @@ StepFn = Callable[[SpielState, Batch], tuple[SpielState, dict[str, float]]]
 
 # Fields that change how a run is executed, not what it computes: free to differ on resume.
 _RUN_ONLY = frozenset({"checkpoint_every", "checkpoint_dir", "resume", "stop_after", "progress",
-                       "force", "fsdp"})
+                       "force", "fsdp", "device"})
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,9 @@ class TrainConfig:
         max_length: Tokens per sequence (prompts are truncated from the left).
         bf16: Load the base in bfloat16 (values stay fp32).
         nf4: Quantise the target weights of the base to NF4 (torchao) after scoring.
+        device: Where the job computes: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; ``None``
+            (the default) is this process's GPU when torch sees one (under ``torchrun``
+            the ``LOCAL_RANK``-th), else the CPU. Checkpoints resume on any device.
         fsdp: Under ``torchrun``, shard the base weights, values and optimizer state
             per decoder layer with FSDP2 (``fully_shard``) instead of replicating them
             (data parallel). AdamW only (SPEFT, or SpIEL-AG); not with ``nf4``.
@@ -107,6 +111,7 @@ class TrainConfig:
     max_length: int = 256
     bf16: bool = False
     nf4: bool = False
+    device: str | None = None
     fsdp: bool = False
     seed: int = 0
     split: str = "train"
@@ -150,6 +155,23 @@ def _check(cfg: TrainConfig) -> None:
     if os.path.exists(cfg.output) and not cfg.force:
         raise OutputExistsError(f"output {cfg.output!r} exists; pass --force to replace it or "
                                 "choose another -o.")
+
+
+def _device(cfg: TrainConfig, env: Any) -> torch.device:
+    """``cfg.device``, or this process's GPU (``env.device``), or the CPU."""
+    if cfg.device is None:
+        return torch.device(env.device)
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError as e:
+        raise ParameterError(f"device: expected 'cpu', 'cuda' or 'cuda:N'; found "
+                             f"{cfg.device!r} ({e}).") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ParameterError(f"device {cfg.device!r}: torch sees no CUDA device here; drop "
+                             "--device to use the CPU.")
+    if device.type == "cuda" and device.index is None:
+        return torch.device(env.device) if env.device.type == "cuda" else torch.device("cuda", 0)
+    return device
 
 
 class _Data:
@@ -435,15 +457,16 @@ def train_job(cfg: TrainConfig, *, say: Callable[[str], None] = print) -> dict[s
     job = _job_file(ckpt, cfg) if cfg.resume else None  # fail before the slow part
     if not cfg.progress:
         _quiet_libraries()
-    env = init_from_env()
+    env = init_from_env(backend="gloo" if cfg.device == "cpu" else None)
     rank, world = env.rank, env.world_size
+    device = _device(cfg, env)
     speak = say if rank == 0 else (lambda _: None)
     show = cfg.progress and rank == 0
     t_start = time.perf_counter()
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(device)
     model.train()
     data = _Data(cfg, tokenizer)
     total = _total_steps(cfg, data)
@@ -456,7 +479,8 @@ def train_job(cfg: TrainConfig, *, say: Callable[[str], None] = print) -> dict[s
                              "SpIEL-AG; drop --fsdp to train data-parallel instead.")
 
     def shard(batch: Batch) -> Batch:
-        return shard_batch(batch, rank, world) if world > 1 else dict(batch)
+        mine = shard_batch(batch, rank, world) if world > 1 else batch
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in mine.items()}
 
     base = {n: p.detach() for n, p in model.named_parameters()}
     names = resolve_targets(model, cfg.targets)
@@ -465,10 +489,13 @@ def train_job(cfg: TrainConfig, *, say: Callable[[str], None] = print) -> dict[s
     speak(f"model {cfg.model}: {len(names)} target tensors, "
           f"{sum(math.prod(s) for s in shapes.values()):,} target entries; data {cfg.data}: "
           f"{data.n} rows ({data.format}), {total} steps of {cfg.batch_size}"
-          + (f" on {world} ranks" if world > 1 else ""))
+          + (f" on {world} ranks" if world > 1 else "") + f", on {device}")
 
     if job is not None:
         state, log = _load(ckpt, job)
+        rng = state.rng_state  # the CPU generator's state stays on the CPU
+        state = tree_map_only(torch.Tensor, lambda t: t.to(device), state._replace(
+            rng_state=None))._replace(rng_state=rng)
         speak(f"resuming from {ckpt} at step {state.step}")
     else:
         log = []
@@ -477,8 +504,10 @@ def train_job(cfg: TrainConfig, *, say: Callable[[str], None] = print) -> dict[s
         else:
             density = _budget_density(shapes, cfg)
             support = random_support(shapes, density=density,
-                                     generator=torch.Generator().manual_seed(cfg.seed))
-        values = {n: torch.zeros(i.numel(), dtype=torch.float32) for n, i in support.items()}
+                                     generator=torch.Generator().manual_seed(cfg.seed),
+                                     device=device)
+        values = {n: torch.zeros(i.numel(), dtype=torch.float32, device=device)
+                  for n, i in support.items()}
         opt = _optimizer(cfg, support, shapes)
         state = SpielState(values, support, opt.init(values), 0, {}, None)
         torch.manual_seed(cfg.seed)  # dropout, if the model has any
@@ -488,7 +517,7 @@ def train_job(cfg: TrainConfig, *, say: Callable[[str], None] = print) -> dict[s
         base = to_nf4(base, names)
         for n, p in model.named_parameters():  # drop the dense copies of the targets
             if n in shapes:
-                p.data = torch.empty(0, dtype=p.dtype)
+                p.data = torch.empty(0, dtype=p.dtype, device=p.device)
     if cfg.fsdp:
         model, state, step_fn = _fsdp(cfg, model, state, total,
                                       ckpt / "state" if job is not None else None)
@@ -529,7 +558,8 @@ def train_job(cfg: TrainConfig, *, say: Callable[[str], None] = print) -> dict[s
                "nnz": nnz, "target_entries": entries,
                "seconds": time.perf_counter() - t_start, "train_seconds_this_run": train_s,
                "tokens_per_s": tokens_run / train_s if train_s > 0 else 0.0,
-               "world_size": world, "delta": str(out), "checkpoint": str(ckpt)}
+               "world_size": world, "device": str(device), "delta": str(out),
+               "checkpoint": str(ckpt)}
     if not finished:
         speak(f"stopped at step {state.step} of {total}; checkpoint in {ckpt}. "
               "Continue with the same command and --resume.")
@@ -544,11 +574,14 @@ def train_job(cfg: TrainConfig, *, say: Callable[[str], None] = print) -> dict[s
 
         got = fsdp_delta(model, state)  # every rank gathers
         delta = SparseDelta.from_support(
-            {n: got[n].indices if n in got else torch.zeros(0, dtype=torch.long) for n in shapes},
-            {n: got[n].values if n in got else torch.zeros(0) for n in shapes},
+            {n: got[n].indices.cpu() if n in got else torch.zeros(0, dtype=torch.long)
+             for n in shapes},
+            {n: got[n].values.cpu() if n in got else torch.zeros(0) for n in shapes},
             shapes, metadata=meta)
     else:
-        delta = SparseDelta.from_support(state.support, state.values, shapes, metadata=meta)
+        delta = SparseDelta.from_support(
+            {n: i.cpu() for n, i in state.support.items()},
+            {n: v.cpu() for n, v in state.values.items()}, shapes, metadata=meta)
     if rank == 0:
         if out.parent != Path(""):
             out.parent.mkdir(parents=True, exist_ok=True)

@@ -359,8 +359,10 @@ def _start(base: Params, shapes: dict[str, Shape], *, density: float, lr: float,
     """The initial state (random support, zero values) or the checkpoint's, and the optimizer."""
     if optimizer not in ("auto", "adamw", "sm3"):
         raise ParameterError(f"optimizer must be 'auto', 'adamw' or 'sm3'; found {optimizer!r}.")
-    support = random_support(shapes, density=density, generator=generator)
-    values = {n: torch.zeros(s.numel(), dtype=base[n].dtype) for n, s in support.items()}
+    support = {n: i.to(base[n].device) for n, i in
+               random_support(shapes, density=density, generator=generator).items()}
+    values = {n: torch.zeros(s.numel(), dtype=base[n].dtype, device=s.device)
+              for n, s in support.items()}
     kind = ("sm3" if regrowth == "ma" else "adamw") if optimizer == "auto" else optimizer
     opt = sm3(lr, support=support, shapes=shapes) if kind == "sm3" else adamw(lr)
     state = spiel_init(values, support, opt, generator=generator)
