@@ -54,7 +54,11 @@ def synflow(cal: Calibration) -> Params:
     ``| |w| * dR/d|w| |``. For ReLU networks this is the SynFlow path norm; in a
     transformer the non-linearities (norms, softmax, SiLU) stay, so it is the same
     formula on an approximately linearised network. Data-free: only the first batch's
-    shape is read. Holds one ``|theta|`` copy of every parameter.
+    shape is read. Holds one ``|theta|`` copy of every parameter. In attention every
+    position of the all-ones input is the same token, so attention is uniform whatever
+    the queries and keys are: the q and k projections get scores that are rounding
+    noise (about 1e-9 of the largest score in a float64 test), and so no entries under
+    a global top-k.
 
     Args:
         cal: The calibration inputs.
