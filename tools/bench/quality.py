@@ -37,24 +37,36 @@ but 0.807 at 3e-4; magnitude SPEFT was best at 3e-3 (0.800 vs 0.747). A likely
 reason, not tested: entries chosen for their large gradients move the loss most per
 step, entries chosen for their large weights the least.
 
-Process and memory: each method runs in a fresh child process (multiprocessing
-``spawn``, with ``MALLOC_MMAP_THRESHOLD_=131072`` so that freed buffers leave the
-resident set, as in ``train_step.py``), ``--jobs`` (2) at a time, longest first, with
-``--threads`` = cores / jobs torch threads each; every method runs under the same
-conditions, so step times are comparable across methods, not across ``--jobs``
-settings. Measured on this 2-core CPU: two 1-thread children took 8.7-10.7 s per
-step, one 2-thread child 4.9-6.1 s, so two at a time gain about 10 % throughput
-(two 1-thread children without the small mmap threshold: 5.3-5.7 s per step).
-Memory is the resident set (RSS), not a
-tensor count: after imports the child reads ``VmRSS`` (``rss_base``); before each
-training run it builds a fresh model, reads ``VmRSS`` (``rss_before``), resets the
-kernel's high-water mark (``/proc/self/clear_refs``), trains, and reads ``VmHWM``.
-``peak_train_mb`` = max over the LR runs of ``VmHWM - rss_before``: what training
-adds on top of the resident model (activations, gradients, optimizer state, SPEFT's
-salience scoring, SpIEL's dense AG buffers). ``peak_total_mb`` = ``model_mb +
-peak_train_mb`` with ``model_mb`` = the RSS the first model and data added over
-``rss_base``. Evaluation is outside the window. Where ``clear_refs`` cannot be
-written, ``ru_maxrss`` is used and ``mem_method`` says so.
+Seeds: every run starts from ``torch.manual_seed(--seed)`` as well as its own
+generators, so LoRA's random A matrices are the same in every run. (Before
+2026-11-23 they were not seeded; torch seeds each new process at random, so LoRA's
+test accuracy was a fresh draw per run: 0.811 and 0.835 in two runs of that day.)
+
+Processes: each method runs in a fresh child process (multiprocessing ``spawn``),
+``--jobs`` (2) at a time, longest first, with ``--threads`` = cores / jobs torch
+threads each; every method runs under the same conditions, so step times are
+comparable across methods, not across ``--jobs`` settings.
+
+Memory is the resident set (RSS), not a tensor count, measured apart from the timed
+runs. Exact RSS peaks need freed buffers to leave the process (glibc's
+``M_MMAP_THRESHOLD`` at 128 KiB, as in ``train_step.py``), and that makes every large
+buffer a fresh mapping: training steps measured 1.5-1.7x slower with it (9-12 s vs
+5.8-8.3 s per step, 6-step runs, two 1-thread children). Without it glibc keeps freed
+memory, and the peaks measured 1.4-2.2x too high in the first run of a process and
+too low in the next; setting the threshold with ``mallopt`` after such runs, in the
+same process, still measured 1.7x too high. So the LR runs are timed under glibc's
+defaults, and each method's memory is measured by a probe in a child of its own that
+sets the small threshold (``mallopt``) before anything else: a fresh model, the
+method's first LR (shapes, not values, set the memory), ``--probe-steps`` steps (SpIEL
+with ``update_every = accumulate_steps``, so that its dense AG window and a regrowth
+fall inside them). Before them the child reads ``VmRSS`` (``rss_before``) and resets
+the kernel's high-water mark (``/proc/self/clear_refs``); after them, it reads
+``VmHWM``. ``peak_train_mb`` = ``VmHWM - rss_before``: what
+training adds on top of the resident model (activations, gradients, optimizer state,
+SPEFT's salience scoring, SpIEL's dense AG buffers). ``peak_total_mb`` = ``model_mb +
+peak_train_mb`` with ``model_mb`` = the RSS the first model and data added over the
+RSS after imports. Where ``clear_refs`` cannot be written, ``ru_maxrss`` is used and
+``mem_method`` says so.
 
 Time: ``step_s_median`` is the median wall time of a training step (batch fetch and
 encoding included, measured between successive batch requests; SPEFT's one-off
@@ -68,12 +80,12 @@ speed-up ASSETS.md reports for CPUs that have it).
 The estimate printed at the start (``estimate_seconds``) adds up ``STEP_S``,
 ``EVAL_S`` and the other constants below per method, scaled linearly with batch size
 and with ``min(max_length, 96)`` (reviews rarely need more than 96 tokens), and
-schedules the methods ``--jobs`` at a time. The constants come from the full run of
-2026-11-23 with the defaults (fp32, 2 jobs x 1 thread, batch 8, 40 steps, 150
-validation reviews): median steps took 8.7-10.7 s, an evaluated review 0.20-0.27 s,
-gradient scoring of 64 reviews 80 s; the run took about 55 min. With the children's
-small mmap threshold every large buffer is a fresh mapping, which costs time: the
-same step without it measured 5.3-5.7 s.
+schedules the methods ``--jobs`` at a time, then the memory probes. ``STEP_S`` comes
+from 6-step runs of 2026-11-23 under glibc's defaults (two 1-thread children: LoRA
+5.8-6.3 s, magnitude SPEFT 5.8-6.0 s, full 8.3 s, SpIEL 6.9 s; gradient SPEFT assumed
+as LoRA); the rest from the full 40-step run of that day, which had the small mmap
+threshold throughout (an evaluated review 0.20-0.27 s, gradient scoring of 64
+reviews 80 s).
 
 Example:
     SPDELTA_CACHE=/tmp/spcache python tools/bench/quality.py --out bench-quality
@@ -107,9 +119,11 @@ from train_step import _reset_peak_rss, _status_kb
 METHODS = ("zero_shot", "full", "lora", "speft_gradient", "speft_magnitude", "spiel_ag")
 SPARSE = ("speft_gradient", "speft_magnitude", "spiel_ag")
 #: Seconds per training step, fp32, batch 8, max_length 96, 1 thread per child, two children
-#: at once on 2 cores (see the docstring).
-STEP_S = {"full": 10.1, "lora": 9.5, "speft_gradient": 8.8, "speft_magnitude": 9.0,
-          "spiel_ag": 9.3}
+#: at once on 2 cores, glibc's default malloc (see the docstring); PROBE_SLOWDOWN for the
+#: memory probes' small mmap threshold.
+STEP_S = {"full": 8.3, "lora": 6.0, "speft_gradient": 6.0, "speft_magnitude": 5.9,
+          "spiel_ag": 6.9}
+PROBE_SLOWDOWN = 1.6
 #: Seconds per evaluated review (batches of 32), per gradient-calibration example, per
 #: SPEFT top-k selection, per child process (spawn, imports, data, model) and per LR run.
 EVAL_S, CALIB_S, SELECT_S, CHILD_S, RUN_S = 0.23, 1.1, 10.0, 15.0, 2.0
@@ -121,7 +135,7 @@ class Config:
     """Benchmark settings (see ``--help``); the defaults fit about 60 minutes on 2 cores."""
 
     methods: tuple[str, ...] = METHODS
-    steps: int = 40
+    steps: int = 60
     batch_size: int = 8
     max_length: int = 96
     val_examples: int = 150
@@ -138,6 +152,7 @@ class Config:
     jobs: int = 2
     bf16: bool = False
     cache_dir: str | None = None
+    probe_steps: int = 6
 
 
 def method_seconds(cfg: Config, method: str) -> float:
@@ -153,16 +168,28 @@ def method_seconds(cfg: Config, method: str) -> float:
     return total + len(cfg.lrs[method]) * per_run
 
 
+def probe_seconds(cfg: Config, method: str) -> float:
+    """Expected wall time of one method's memory probe child."""
+    scale = cfg.batch_size / 8 * min(cfg.max_length, 96) / 96
+    setup = SELECT_S if method.startswith("speft") else 0.0
+    setup += CALIB_S * cfg.calibration_examples if method == "speft_gradient" else 0.0
+    return CHILD_S + setup + cfg.probe_steps * STEP_S[method] * scale * PROBE_SLOWDOWN
+
+
 def estimate_seconds(cfg: Config) -> float:
     """Expected wall time of the run on an idle 2-core machine (see the docstring).
 
-    The methods' children run ``cfg.jobs`` at a time, longest first (the order
-    :func:`run` submits them in), each as long as :func:`method_seconds` says.
+    The children run ``cfg.jobs`` at a time in the order :func:`run` submits them:
+    the methods longest first (as long as :func:`method_seconds` says), then the
+    memory probes (:func:`probe_seconds`).
     """
+    order = sorted(cfg.methods, key=lambda m: -method_seconds(cfg, m))
+    times = [method_seconds(cfg, m) for m in order]
+    times += [probe_seconds(cfg, m) for m in order if m != "zero_shot"]
     workers = [0.0] * max(1, cfg.jobs)
-    for m in sorted(cfg.methods, key=lambda m: -method_seconds(cfg, m)):
+    for t in times:
         i = workers.index(min(workers))
-        workers[i] += method_seconds(cfg, m)
+        workers[i] += t
     return max(workers)
 
 
@@ -319,18 +346,15 @@ def _step_times(stamps: list[float], end: float, steps: int) -> list[float]:
 
 def _one_run(method: str, data: dict[str, Any], cfg: Config, lr: float
              ) -> tuple[nn.Module, dict[str, Any]]:
-    """Build a fresh model, train it at ``lr`` inside the memory window, measure val accuracy."""
+    """Build a fresh model, train it at ``lr`` (timed), measure val accuracy."""
     model = _load_model(data, cfg)
-    gc.collect()
-    rss_before = _status_kb("VmRSS")
-    exact = _reset_peak_rss()
+    torch.manual_seed(cfg.seed)  # LoRA's A init draws from the global generator
     stamps: list[float] = []
     t0 = time.perf_counter()
     model, losses, trainable = train(method, model, data, cfg, lr,
                                      _timed(_train_batches(data["tok"], data["train"], cfg),
                                             stamps))
     end = time.perf_counter()
-    peak = _status_kb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     steps = _step_times(stamps, end, cfg.steps)
     if method == "lora":  # evaluate the merged weights, as deployed (unmerged eval: 1.7x slower)
         model = model.merge_and_unload()  # type: ignore[operator]
@@ -342,11 +366,32 @@ def _one_run(method: str, data: dict[str, Any], cfg: Config, lr: float
         "setup_s": (stamps[0] if stamps else end) - t0,
         "step_s_median": statistics.median(steps) if steps else None,
         "step_s_mean": sum(steps) / len(steps) if steps else None, "step_s_all": steps,
-        "peak_train_mb": (peak - rss_before) / 1024, "rss_before_mb": rss_before / 1024,
-        "mem_method": "VmHWM-after-clear_refs" if exact else "ru_maxrss",
         "val_eval_s": time.perf_counter() - t_eval, "trainable_params": trainable,
         "loss_first": losses[0] if losses else None,
         "loss_last10": sum(last) / len(last) if last else None}
+
+
+def probe_memory(method: str, cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    """Child process: peak RSS of ``probe_steps`` training steps (see the docstring)."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").mallopt(-3, 131072)  # M_MMAP_THRESHOLD, before anything else
+    cfg = Config(**{**cfg_dict, "methods": tuple(cfg_dict["methods"]),
+                    "steps": cfg_dict["probe_steps"],
+                    "spiel_update_every": cfg_dict["spiel_accumulate_steps"]})
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    data = _load_data(cfg)
+    model = _load_model(data, cfg)
+    torch.manual_seed(cfg.seed)
+    gc.collect()
+    rss_before = _status_kb("VmRSS")
+    exact = _reset_peak_rss()
+    train(method, model, data, cfg, cfg.lrs[method][0],
+          _train_batches(data["tok"], data["train"], cfg))
+    peak = _status_kb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_train_mb": (peak - rss_before) / 1024, "probe_rss_before_mb": rss_before / 1024,
+            "mem_method": "VmHWM-after-clear_refs" if exact else "ru_maxrss"}
 
 
 def run_method(method: str, cfg_dict: dict[str, Any]) -> dict[str, Any]:
@@ -391,10 +436,7 @@ def run_method(method: str, cfg_dict: dict[str, Any]) -> dict[str, Any]:
     assert best is not None  # at least one LR (checked by the CLI)
     out.update(runs=runs, val_accuracy=best[0], **_test(best[1], data, cfg),
                trainable_params=chosen["trainable_params"],
-               step_s_median=chosen["step_s_median"], step_s_mean=chosen["step_s_mean"],
-               peak_train_mb=max(r["peak_train_mb"] for r in runs),
-               mem_method=runs[0]["mem_method"])
-    out["peak_total_mb"] = out["model_mb"] + out["peak_train_mb"]
+               step_s_median=chosen["step_s_median"], step_s_mean=chosen["step_s_mean"])
     return {**out, "elapsed_s": time.perf_counter() - t0}
 
 
@@ -440,7 +482,7 @@ def _write(out_dir: Path, report: dict[str, Any]) -> str:
 
 def run(cfg: Config, out_dir: Path, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Every method in its own child process; writes quality.json / quality.md as it goes."""
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"  # inherited by the spawned children
+    os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)  # the timed runs use glibc's defaults
     out_dir.mkdir(parents=True, exist_ok=True)
     est = estimate_seconds(cfg)
     say(f"quality benchmark: {', '.join(cfg.methods)}; {cfg.steps} steps x batch "
@@ -455,18 +497,30 @@ def run(cfg: Config, out_dir: Path, say: Callable[[str], None] = print) -> dict[
                    "estimate_s": est}, "results": {}}
     t0 = time.perf_counter()
     order = sorted(cfg.methods, key=lambda m: -method_seconds(cfg, m))  # longest first
+    tasks = [(m, "train") for m in order] + [(m, "probe") for m in order if m != "zero_shot"]
+    results: dict[str, dict[str, Any]] = {m: {} for m in cfg.methods}
     with ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=get_context("spawn"),
-                             max_tasks_per_child=1) as pool:  # a fresh process per method
-        futures = {pool.submit(run_method, m, asdict(cfg)): m for m in order}
-        say(f"running {cfg.jobs} at a time, longest first: {', '.join(order)}")
+                             max_tasks_per_child=1) as pool:  # a fresh process per task
+        futures = {pool.submit(run_method if kind == "train" else probe_memory, m, asdict(cfg)):
+                   (m, kind) for m, kind in tasks}
+        say(f"running {cfg.jobs} at a time, longest first: {', '.join(order)}, then the "
+            "memory probes")
         for done, future in enumerate(as_completed(futures), 1):
-            m = futures[future]
+            m, kind = futures[future]
             r = _result(future)
-            say(f"[{done}/{len(order)}] {m}: " + (r["error"] if "error" in r else (
-                f"val {r['val_accuracy']:.3f}, test {r['test_accuracy']:.3f}")) +
-                f" (elapsed {time.perf_counter() - t0:.0f} s)")
-            results = {**report["results"], m: r}
-            report["results"] = {k: results[k] for k in cfg.methods if k in results}
+            if kind == "probe":
+                results[m].update({"probe_error": r["error"]} if "error" in r else r)
+                note = r.get("error") or f"peak train {r['peak_train_mb']:.0f} MiB"
+            else:
+                results[m].update(r)
+                note = r.get("error") or (f"val {r['val_accuracy']:.3f}, "
+                                          f"test {r['test_accuracy']:.3f}")
+            if "model_mb" in results[m] and "peak_train_mb" in results[m]:
+                results[m]["peak_total_mb"] = results[m]["model_mb"] + results[m]["peak_train_mb"]
+            say(f"[{done}/{len(tasks)}] {m} {kind}: {note} "
+                f"(elapsed {time.perf_counter() - t0:.0f} s)")
+            report["results"] = {k: v for k, v in results.items() if "val_accuracy" in v
+                                 or "error" in v}
             report["elapsed_s"] = time.perf_counter() - t0
             _write(out_dir, report)
     say(_write(out_dir, report))
@@ -486,7 +540,7 @@ def parse(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     for name in ("steps", "batch_size", "max_length", "val_examples", "test_examples",
                  "eval_batch_size", "calibration_examples", "spiel_update_every",
-                 "spiel_accumulate_steps", "seed"):
+                 "spiel_accumulate_steps", "seed", "probe_steps"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
     p.add_argument("--density", type=float, default=d.density)
     p.add_argument("--lora-rank", type=int, default=None, help="default: matched to the budget")
@@ -519,7 +573,7 @@ def parse(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     keys = ("steps", "batch_size", "max_length", "val_examples", "test_examples",
             "eval_batch_size", "density", "lora_rank", "calibration_examples",
             "spiel_update_every", "spiel_accumulate_steps", "seed", "threads", "jobs", "bf16",
-            "cache_dir")
+            "cache_dir", "probe_steps")
     cfg = Config(methods=methods, lrs={m: lrs[m] for m in methods if m in lrs},
                  **{k: getattr(a, k) for k in keys})
     return cfg, a
