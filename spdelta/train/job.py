@@ -5,16 +5,14 @@
 and writes the delta file, a JSON log and a loss-curve PNG. It checkpoints
 periodically and resumes bit for bit; under ``torchrun`` it runs data-parallel
 (``torch.distributed``, gloo on CPU, nccl on GPU) with one support on every rank.
+The checkpoint and output files are in :mod:`spdelta.train._job_io`, the support
+selection and step functions in :mod:`spdelta.train._job_steps`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import io
-import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -24,21 +22,21 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_map_only
 
-from spdelta._io import atomic_write
-from spdelta.delta import SparseDelta
-from spdelta.errors import DataError, OutputExistsError, ParameterError, SpdeltaError
-from spdelta.format.constants import KEY_BASE_MODEL, KEY_FINGERPRINT, KEY_TRAINING
+from spdelta.errors import DataError, OutputExistsError, ParameterError
+from spdelta.train._job_io import ckpt_dir, finish, job_file, load_job, save_job
+from spdelta.train._job_steps import (
+    budget_density,
+    fsdp_engine,
+    make_optimizer,
+    make_step_fn,
+    select_support,
+)
 from spdelta.train._spiel_io import SpielState
-from spdelta.types import Params, Support
 
 __all__ = ["TrainConfig", "train_job"]
 
 Batch = Mapping[str, Any]
 StepFn = Callable[[SpielState, Batch], tuple[SpielState, dict[str, float]]]
-
-# Fields that change how a run is executed, not what it computes: free to differ on resume.
-_RUN_ONLY = frozenset({"checkpoint_every", "checkpoint_dir", "resume", "stop_after", "progress",
-                       "force", "fsdp", "device"})
 
 
 @dataclass(frozen=True)
@@ -220,60 +218,6 @@ def _total_steps(cfg: TrainConfig, data: _Data) -> int:
     return max(1, math.ceil((cfg.epochs or 1.0) * data.per_epoch))
 
 
-def _ckpt_dir(cfg: TrainConfig) -> Path:
-    return Path(cfg.checkpoint_dir or cfg.output + ".ckpt")
-
-
-def _comparable(cfg: TrainConfig) -> dict[str, Any]:
-    d = dataclasses.asdict(cfg)
-    d["label_names"] = list(cfg.label_names) if cfg.label_names is not None else None
-    return {k: v for k, v in d.items() if k not in _RUN_ONLY}
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    with atomic_write(path) as f:
-        f.write(json.dumps(obj, indent=1, sort_keys=True).encode())
-
-
-def _save(ckpt: Path, state: SpielState, cfg: TrainConfig, log: list[dict[str, float]],
-          rank: int) -> None:
-    """Log and config first, state last: a crash in between leaves a longer log, cut on resume."""
-    from spdelta.dist import save_checkpoint
-
-    if rank == 0:
-        ckpt.mkdir(parents=True, exist_ok=True)
-        _write_json(ckpt / "job.json", {"config": _comparable(cfg), "log": log})
-    state = state._replace(rng_state=torch.get_rng_state())
-    save_checkpoint(state, ckpt / "state")
-
-
-def _job_file(ckpt: Path, cfg: TrainConfig) -> dict[str, Any] | None:
-    """The checkpoint's job record, if there is a checkpoint; refuse other settings."""
-    if not (ckpt / "state").is_dir():
-        return None
-    job: dict[str, Any] = json.loads((ckpt / "job.json").read_text())
-    ours = _comparable(cfg)
-    diff = sorted(k for k in set(ours) | set(job["config"]) if ours.get(k) != job["config"].get(k))
-    if diff:
-        shown = ", ".join(f"{k}: {job['config'].get(k)!r} -> {ours.get(k)!r}" for k in diff)
-        raise ParameterError(f"resume from {str(ckpt)!r}: the checkpoint was made with other "
-                             f"settings ({shown}); rerun with the same settings, or delete the "
-                             "checkpoint to start over.")
-    return job
-
-
-def _load(ckpt: Path, job: dict[str, Any]) -> tuple[SpielState, list[dict[str, float]]]:
-    from spdelta.dist import load_checkpoint
-
-    state = load_checkpoint(ckpt / "state")
-    if not isinstance(state, SpielState):
-        raise SpdeltaError(f"{str(ckpt)!r}: expected a spdelta train job checkpoint; found a "
-                           f"{type(state).__name__}. Delete it to start over.")
-    if state.rng_state is not None:
-        torch.set_rng_state(state.rng_state)
-    return state, job["log"][:state.step]
-
-
 def _quiet_libraries() -> None:
     import datasets
     import transformers
@@ -282,129 +226,135 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def _budget_density(shapes: Mapping[str, tuple[int, ...]], cfg: TrainConfig) -> float:
-    if cfg.lora_rank is None:
-        return 0.01 if cfg.density is None else cfg.density
-    from spdelta.select import budget
+@dataclass(frozen=True)
+class _Run:
+    """What every phase of a job reads: this process's place, the model and the data."""
 
-    total = sum(math.prod(s) for s in shapes.values())
-    return budget(shapes, lora_rank=cfg.lora_rank)[""] / total
+    rank: int
+    world: int
+    device: torch.device
+    speak: Callable[[str], None]
+    model: Any
+    data: _Data
+    total: int
+    base: dict[str, torch.Tensor]
+    shapes: dict[str, tuple[int, ...]]
+    fingerprint: str
 
+    def shard(self, batch: Batch) -> dict[str, Any]:
+        """This rank's share of a global batch, on the job's device."""
+        from spdelta.dist import shard_batch
 
-def _select(cfg: TrainConfig, model: Any, base: Params, names: list[str], data: _Data,
-            shard: Callable[[Batch], Batch], world: int) -> Support:
-    """SPEFT's support: salience on the first calibration batches, global top-k."""
-    from spdelta.dist import score_distributed
-    from spdelta.salience import score
-    from spdelta.select import select_topk
-
-    n_batches = max(1, math.ceil(cfg.calibration_examples / cfg.batch_size))
-    calibration = [shard(data.batch(t)) for t in range(n_batches)]
-    kwargs: dict[str, Any] = {"metric": cfg.metric, "targets": names, "progress": cfg.progress,
-                              "num_examples": max(1, cfg.calibration_examples // world),
-                              "generator": torch.Generator().manual_seed(cfg.seed)}
-    scores = (score_distributed(model, base, calibration, **kwargs) if world > 1
-              else score(model, base, calibration, **kwargs))
-    if cfg.lora_rank is not None:
-        return select_topk(scores, lora_rank=cfg.lora_rank)
-    return select_topk(scores, density=0.01 if cfg.density is None else cfg.density)
+        mine = shard_batch(batch, self.rank, self.world) if self.world > 1 else batch
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v
+                for k, v in mine.items()}
 
 
-def _optimizer(cfg: TrainConfig, support: Support, shapes: Mapping[str, tuple[int, ...]]) -> Any:
-    from spdelta.optim import adamw, sm3
+def _setup(cfg: TrainConfig, say: Callable[[str], None]) -> _Run:
+    """Join the process group (under ``torchrun``); load the model onto the device, and the data."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if cfg.method == "spiel" and cfg.regrowth == "ma":
-        return sm3(cfg.lr, support=support, shapes=shapes)
-    return adamw(cfg.lr, weight_decay=cfg.weight_decay)
+    from spdelta.dist import init_from_env
+    from spdelta.hf import fingerprint
+    from spdelta.targets import resolve_targets
 
-
-def _static(inner: Callable[[Any, Batch], tuple[Any, dict[str, float]]]) -> StepFn:
-    """A fixed-support ``TrainState`` step as a step on the job's ``SpielState``."""
-    from spdelta.train._loop import TrainState
-
-    def static_step(s: SpielState, batch: Batch) -> tuple[SpielState, dict[str, float]]:
-        t, metrics = inner(TrainState(s.values, s.opt_state, s.step), batch)
-        return s._replace(values=t.values, opt_state=t.opt_state, step=t.step), metrics
-
-    return static_step
-
-
-def _step_fn(cfg: TrainConfig, model: Any, base: Params, support: Support, optimizer: Any,
-             total: int, world: int) -> StepFn:
-    from spdelta.dist import make_dist_spiel_step, make_dist_train_step
-    from spdelta.functional import make_loss_fn
-    from spdelta.train._loop import make_train_step
-    from spdelta.train.spiel import make_spiel_step
-
-    loss_fn = make_loss_fn(model)  # the fast path, NF4 targets included
-    if cfg.method == "spiel":
-        kwargs: dict[str, Any] = {"total_steps": total, "regrowth": cfg.regrowth, "update_every":
-                  cfg.update_every, "accumulate_steps": cfg.accumulate_steps,
-                  "initial_fraction": cfg.initial_fraction}
-        if world > 1:
-            return make_dist_spiel_step(loss_fn, base, optimizer, **kwargs)
-        return make_spiel_step(loss_fn, base, optimizer, **kwargs)
-    make = make_dist_train_step if world > 1 else make_train_step
-    return _static(make(loss_fn, optimizer, base, support))
+    env = init_from_env(backend="gloo" if cfg.device == "cpu" else None)
+    world, device = env.world_size, _device(cfg, env)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    model: Any = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
+    model.to(device)
+    model.train()
+    data = _Data(cfg, tokenizer)
+    if cfg.batch_size % world:
+        raise ParameterError(f"batch_size {cfg.batch_size} is not a multiple of the world size "
+                             f"{world}; use a multiple of {world}.")
+    if cfg.fsdp and (world == 1 or cfg.nf4 or (cfg.method, cfg.regrowth) == ("spiel", "ma")):
+        raise ParameterError(f"--fsdp shards over several processes with AdamW: it needs "
+                             f"torchrun (found world size {world}), no --nf4, and SPEFT or "
+                             "SpIEL-AG; drop --fsdp to train data-parallel instead.")
+    base = {n: p.detach() for n, p in model.named_parameters()}
+    names = resolve_targets(model, cfg.targets)
+    run = _Run(env.rank, world, device, say if env.rank == 0 else (lambda _: None), model, data,
+               _total_steps(cfg, data), base, {n: tuple(base[n].shape) for n in names},
+               fingerprint(base, names))
+    run.speak(f"model {cfg.model}: {len(names)} target tensors, "
+              f"{sum(math.prod(s) for s in run.shapes.values()):,} target entries; data "
+              f"{cfg.data}: {data.n} rows ({data.format}), {run.total} steps of {cfg.batch_size}"
+              + (f" on {world} ranks" if world > 1 else "") + f", on {device}")
+    return run
 
 
-def _fsdp(cfg: TrainConfig, model: Any, state: SpielState, total: int,
-          resume_from: Path | None) -> tuple[Any, SpielState, StepFn]:
-    """Shard ``model`` with deltas on ``state.support`` (FSDP2); the sharded state and step."""
-    from spdelta.dist import (
-        fsdp_spiel_init,
-        load_checkpoint,
-        make_fsdp_spiel_step,
-        make_fsdp_train_step,
-        shard_with_deltas,
-    )
-    from spdelta.optim import adamw
+def _start(cfg: TrainConfig, run: _Run, ckpt: Path, job: dict[str, Any] | None
+           ) -> tuple[SpielState, list[dict[str, float]]]:
+    """The checkpoint's state (moved to the device) and log, or a new support and zero values."""
+    from spdelta.train.spiel import random_support
 
-    # A tensor the global top-k left empty gets no DeltaLinear (FSDP cannot shard 0 values).
-    model = shard_with_deltas(model, {n: i for n, i in state.support.items() if i.numel()})
-    optimizer = adamw(cfg.lr, weight_decay=cfg.weight_decay)
-    template = fsdp_spiel_init(model, optimizer)  # values/optimizer state as sharded DTensors
-    if resume_from is not None:
-        loaded = load_checkpoint(resume_from, template=template)
-        if not isinstance(loaded, SpielState):
-            raise SpdeltaError(f"{str(resume_from)!r}: expected a spdelta train job checkpoint; "
-                               f"found a {type(loaded).__name__}. Delete it to start over.")
-        state = loaded._replace(rng_state=state.rng_state)
+    if job is not None:
+        state, log = load_job(ckpt, job)
+        rng = state.rng_state  # the CPU generator's state stays on the CPU
+        state = tree_map_only(torch.Tensor, lambda t: t.to(run.device),
+                              state._replace(rng_state=None))._replace(rng_state=rng)
+        run.speak(f"resuming from {ckpt} at step {state.step}")
+        return state, log
+    if cfg.method == "speft":
+        support = select_support(cfg, run.model, run.base, list(run.shapes), run.data, run.shard,
+                                 run.world)
     else:
-        state = template
-    if cfg.method == "spiel":
-        return model, state, make_fsdp_spiel_step(
-            model, optimizer, total_steps=total, regrowth="ag",
-            update_every=cfg.update_every, accumulate_steps=cfg.accumulate_steps,
-            initial_fraction=cfg.initial_fraction)
-    return model, state, _static(make_fsdp_train_step(model, optimizer))
+        support = random_support(run.shapes, density=budget_density(run.shapes, cfg),
+                                 generator=torch.Generator().manual_seed(cfg.seed),
+                                 device=run.device)
+    values = {n: torch.zeros(i.numel(), dtype=torch.float32, device=run.device)
+              for n, i in support.items()}
+    opt = make_optimizer(cfg, support, run.shapes)
+    torch.manual_seed(cfg.seed)  # dropout, if the model has any
+    return SpielState(values, support, opt.init(values), 0, {}, None), []
 
 
-def _plot(log: list[dict[str, float]], path: Path, title: str) -> bool:
-    try:
-        import matplotlib
+def _engine(cfg: TrainConfig, run: _Run, state: SpielState, resume_from: Path | None
+            ) -> tuple[Any, SpielState, StepFn]:
+    """NF4 targets if asked, then the model, state and step: FSDP2-sharded or data parallel."""
+    base = run.base
+    if cfg.nf4:
+        from spdelta.quant import to_nf4
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    steps = [r["step"] for r in log]
-    ax.plot(steps, [r["loss"] for r in log], lw=0.8, alpha=0.5, label="loss")
-    w = max(1, len(log) // 20)  # a running mean shows the trend through the noise
-    if w > 1:
-        windows = [log[max(0, i - w + 1):i + 1] for i in range(len(log))]
-        smooth = [sum(r["loss"] for r in win) / len(win) for win in windows]
-        ax.plot(steps, smooth, lw=1.5, label=f"running mean of {w}")
-    ax.set(xlabel="step", ylabel="training loss", title=title)
-    ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    with atomic_write(path) as f:
-        f.write(buf.getvalue())
-    return True
+        base = to_nf4(base, list(run.shapes))
+        for n, p in run.model.named_parameters():  # drop the dense copies of the targets
+            if n in run.shapes:
+                p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+    if cfg.fsdp:
+        return fsdp_engine(cfg, run.model, state, run.total, resume_from)
+    # An FSDP checkpoint keeps AG sums as (out, in) shards; here they are flat.
+    state = state._replace(grad_acc={n: g.reshape(-1) for n, g in state.grad_acc.items()})
+    optimizer = make_optimizer(cfg, state.support, run.shapes)
+    return run.model, state, make_step_fn(cfg, run.model, base, state.support, optimizer,
+                                          run.total, run.world)
+
+
+def _loop(cfg: TrainConfig, run: _Run, state: SpielState, log: list[dict[str, float]],
+          step: StepFn, ckpt: Path) -> tuple[SpielState, int, float]:
+    """Train to the end (or ``stop_after``), logging and checkpointing; tokens and seconds."""
+    from tqdm.auto import tqdm
+
+    end = run.total if cfg.stop_after is None else min(run.total, state.step + cfg.stop_after)
+    t_train = time.perf_counter()
+    tokens_run = 0
+    with tqdm(total=run.total, initial=state.step, desc=f"{cfg.method}", unit="step",
+              disable=not (cfg.progress and run.rank == 0)) as bar:
+        while state.step < end:
+            batch = run.data.batch(state.step)
+            tokens = int(batch["attention_mask"].sum())
+            t0 = time.perf_counter()
+            state, metrics = step(state, run.shard(batch))
+            dt = time.perf_counter() - t0
+            tokens_run += tokens
+            log.append({**metrics, "tokens": float(tokens), "seconds": dt})
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tokens / dt:,.0f}")
+            due = cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0
+            if (due and state.step < run.total) or (state.step == end < run.total):
+                save_job(ckpt, state, cfg, log, run.rank)
+    return state, tokens_run, time.perf_counter() - t_train
 
 
 def train_job(cfg: TrainConfig, *, say: Callable[[str], None] = print) -> dict[str, Any]:
@@ -444,158 +394,29 @@ def train_job(cfg: TrainConfig, *, say: Callable[[str], None] = print) -> dict[s
         ...                   steps=100)
         >>> report = train_job(cfg)  # doctest: +SKIP
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from spdelta.dist import init_from_env, shard_batch
-    from spdelta.format import save_delta
-    from spdelta.hf import fingerprint
-    from spdelta.targets import resolve_targets
-    from spdelta.train.spiel import random_support
-
     _check(cfg)
-    ckpt = _ckpt_dir(cfg)
-    job = _job_file(ckpt, cfg) if cfg.resume else None  # fail before the slow part
+    ckpt = ckpt_dir(cfg)
+    job = job_file(ckpt, cfg) if cfg.resume else None  # fail before the slow part
     if not cfg.progress:
         _quiet_libraries()
-    env = init_from_env(backend="gloo" if cfg.device == "cpu" else None)
-    rank, world = env.rank, env.world_size
-    device = _device(cfg, env)
-    speak = say if rank == 0 else (lambda _: None)
-    show = cfg.progress and rank == 0
     t_start = time.perf_counter()
-
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(device)
-    model.train()
-    data = _Data(cfg, tokenizer)
-    total = _total_steps(cfg, data)
-    if cfg.batch_size % world:
-        raise ParameterError(f"batch_size {cfg.batch_size} is not a multiple of the world size "
-                             f"{world}; use a multiple of {world}.")
-    if cfg.fsdp and (world == 1 or cfg.nf4 or (cfg.method, cfg.regrowth) == ("spiel", "ma")):
-        raise ParameterError(f"--fsdp shards over several processes with AdamW: it needs "
-                             f"torchrun (found world size {world}), no --nf4, and SPEFT or "
-                             "SpIEL-AG; drop --fsdp to train data-parallel instead.")
-
-    def shard(batch: Batch) -> Batch:
-        mine = shard_batch(batch, rank, world) if world > 1 else batch
-        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in mine.items()}
-
-    base = {n: p.detach() for n, p in model.named_parameters()}
-    names = resolve_targets(model, cfg.targets)
-    shapes = {n: tuple(base[n].shape) for n in names}
-    print_fp = fingerprint(base, names)
-    speak(f"model {cfg.model}: {len(names)} target tensors, "
-          f"{sum(math.prod(s) for s in shapes.values()):,} target entries; data {cfg.data}: "
-          f"{data.n} rows ({data.format}), {total} steps of {cfg.batch_size}"
-          + (f" on {world} ranks" if world > 1 else "") + f", on {device}")
-
-    if job is not None:
-        state, log = _load(ckpt, job)
-        rng = state.rng_state  # the CPU generator's state stays on the CPU
-        state = tree_map_only(torch.Tensor, lambda t: t.to(device), state._replace(
-            rng_state=None))._replace(rng_state=rng)
-        speak(f"resuming from {ckpt} at step {state.step}")
-    else:
-        log = []
-        if cfg.method == "speft":
-            support = _select(cfg, model, base, names, data, shard, world)
-        else:
-            density = _budget_density(shapes, cfg)
-            support = random_support(shapes, density=density,
-                                     generator=torch.Generator().manual_seed(cfg.seed),
-                                     device=device)
-        values = {n: torch.zeros(i.numel(), dtype=torch.float32, device=device)
-                  for n, i in support.items()}
-        opt = _optimizer(cfg, support, shapes)
-        state = SpielState(values, support, opt.init(values), 0, {}, None)
-        torch.manual_seed(cfg.seed)  # dropout, if the model has any
-    if cfg.nf4:
-        from spdelta.quant import to_nf4
-
-        base = to_nf4(base, names)
-        for n, p in model.named_parameters():  # drop the dense copies of the targets
-            if n in shapes:
-                p.data = torch.empty(0, dtype=p.dtype, device=p.device)
-    if cfg.fsdp:
-        model, state, step_fn = _fsdp(cfg, model, state, total,
-                                      ckpt / "state" if job is not None else None)
-    else:
-        # An FSDP checkpoint keeps AG sums as (out, in) shards; here they are flat.
-        state = state._replace(grad_acc={n: g.reshape(-1) for n, g in state.grad_acc.items()})
-        optimizer = _optimizer(cfg, state.support, shapes)
-        step_fn = _step_fn(cfg, model, base, state.support, optimizer, total, world)
-
-    from tqdm.auto import tqdm
-
-    end = total if cfg.stop_after is None else min(total, state.step + cfg.stop_after)
-    t_train = time.perf_counter()
-    tokens_run = 0
-    with tqdm(total=total, initial=state.step, desc=f"{cfg.method}", unit="step",
-              disable=not show) as bar:
-        while state.step < end:
-            batch = data.batch(state.step)
-            tokens = int(batch["attention_mask"].sum())
-            t0 = time.perf_counter()
-            state, metrics = step_fn(state, shard(batch))
-            dt = time.perf_counter() - t0
-            tokens_run += tokens
-            log.append({**metrics, "tokens": float(tokens), "seconds": dt})
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tokens / dt:,.0f}")
-            due = cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0
-            if (due and state.step < total) or (state.step == end < total):
-                _save(ckpt, state, cfg, log, rank)
-    train_s = time.perf_counter() - t_train
-    finished = state.step >= total
-    out = Path(cfg.output)
-    nnz = sum(int(i.numel()) for i in state.support.values())
-    entries = sum(math.prod(s) for s in shapes.values())
-    summary = {"steps": state.step, "total_steps": total, "finished": finished,
+    run = _setup(cfg, say)
+    state, log = _start(cfg, run, ckpt, job)
+    model, state, step = _engine(cfg, run, state, ckpt / "state" if job is not None else None)
+    state, tokens_run, train_s = _loop(cfg, run, state, log, step, ckpt)
+    finished = state.step >= run.total
+    summary = {"steps": state.step, "total_steps": run.total, "finished": finished,
                "loss_first": log[0]["loss"] if log else None,
                "loss_last": log[-1]["loss"] if log else None,
-               "nnz": nnz, "target_entries": entries,
+               "nnz": sum(int(i.numel()) for i in state.support.values()),
+               "target_entries": sum(math.prod(s) for s in run.shapes.values()),
                "seconds": time.perf_counter() - t_start, "train_seconds_this_run": train_s,
                "tokens_per_s": tokens_run / train_s if train_s > 0 else 0.0,
-               "world_size": world, "device": str(device), "delta": str(out),
+               "world_size": run.world, "device": str(run.device), "delta": str(Path(cfg.output)),
                "checkpoint": str(ckpt)}
     if not finished:
-        speak(f"stopped at step {state.step} of {total}; checkpoint in {ckpt}. "
-              "Continue with the same command and --resume.")
+        run.speak(f"stopped at step {state.step} of {run.total}; checkpoint in {ckpt}. "
+                  "Continue with the same command and --resume.")
         return summary
-    record = {**_comparable(cfg), "nnz": nnz, "achieved_density": nnz / max(1, entries),
-              "total_steps": total, "data_format": data.format}
-    meta = {KEY_TRAINING: json.dumps(record, sort_keys=True),
-            KEY_BASE_MODEL: str(getattr(model.config, "_name_or_path", "") or cfg.model),
-            KEY_FINGERPRINT: print_fp}
-    if cfg.fsdp:
-        from spdelta.dist import fsdp_delta
-
-        got = fsdp_delta(model, state)  # every rank gathers
-        delta = SparseDelta.from_support(
-            {n: got[n].indices.cpu() if n in got else torch.zeros(0, dtype=torch.long)
-             for n in shapes},
-            {n: got[n].values.cpu() if n in got else torch.zeros(0) for n in shapes},
-            shapes, metadata=meta)
-    else:
-        delta = SparseDelta.from_support(
-            {n: i.cpu() for n, i in state.support.items()},
-            {n: v.cpu() for n, v in state.values.items()}, shapes, metadata=meta)
-    if rank == 0:
-        if out.parent != Path(""):
-            out.parent.mkdir(parents=True, exist_ok=True)
-        save_delta(delta, out)
-        log_path = out.with_name(out.name + ".log.json")
-        _write_json(log_path, {"config": _comparable(cfg), "summary": summary, "log": log})
-        png = out.with_name(out.name + ".loss.png")
-        plotted = _plot(log, png, f"spdelta {cfg.method} on {Path(cfg.model).name}")
-        speak(f"saved {out} ({out.stat().st_size / 1e6:.2f} MB, nnz {nnz:,}); "
-              f"log {log_path}" + (f"; loss curve {png}" if plotted else
-                                   "; no loss curve (pip install matplotlib)"))
-    if world > 1:
-        torch.distributed.barrier()
-    if ckpt.is_dir() and rank == 0:
-        shutil.rmtree(ckpt)  # finished: the delta file is the result
+    finish(cfg, run, model, state, log, summary)
     return summary
-

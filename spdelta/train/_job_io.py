@@ -1,0 +1,156 @@
+"""A training job's files: its checkpoint (state, log, settings) and its outputs.
+
+The checkpoint directory holds ``job.json`` (the comparable settings and the log)
+and ``state/`` (:func:`spdelta.dist.save_checkpoint`). The outputs are the delta
+file, ``<output>.log.json`` and ``<output>.loss.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from spdelta._io import atomic_write
+from spdelta.delta import SparseDelta
+from spdelta.errors import ParameterError, SpdeltaError
+from spdelta.format.constants import KEY_BASE_MODEL, KEY_FINGERPRINT, KEY_TRAINING
+from spdelta.train._spiel_io import SpielState
+
+if TYPE_CHECKING:
+    from spdelta.train.job import TrainConfig, _Run
+
+# Fields that change how a run is executed, not what it computes: free to differ on resume.
+RUN_ONLY = frozenset({"checkpoint_every", "checkpoint_dir", "resume", "stop_after", "progress",
+                      "force", "fsdp", "device"})
+
+
+def ckpt_dir(cfg: TrainConfig) -> Path:
+    return Path(cfg.checkpoint_dir or cfg.output + ".ckpt")
+
+
+def comparable(cfg: TrainConfig) -> dict[str, Any]:
+    d = dataclasses.asdict(cfg)
+    d["label_names"] = list(cfg.label_names) if cfg.label_names is not None else None
+    return {k: v for k, v in d.items() if k not in RUN_ONLY}
+
+
+def write_json(path: Path, obj: Any) -> None:
+    with atomic_write(path) as f:
+        f.write(json.dumps(obj, indent=1, sort_keys=True).encode())
+
+
+def save_job(ckpt: Path, state: SpielState, cfg: TrainConfig, log: list[dict[str, float]],
+          rank: int) -> None:
+    """Log and config first, state last: a crash in between leaves a longer log, cut on resume."""
+    from spdelta.dist import save_checkpoint
+
+    if rank == 0:
+        ckpt.mkdir(parents=True, exist_ok=True)
+        write_json(ckpt / "job.json", {"config": comparable(cfg), "log": log})
+    state = state._replace(rng_state=torch.get_rng_state())
+    save_checkpoint(state, ckpt / "state")
+
+
+def job_file(ckpt: Path, cfg: TrainConfig) -> dict[str, Any] | None:
+    """The checkpoint's job record, if there is a checkpoint; refuse other settings."""
+    if not (ckpt / "state").is_dir():
+        return None
+    job: dict[str, Any] = json.loads((ckpt / "job.json").read_text())
+    ours = comparable(cfg)
+    diff = sorted(k for k in set(ours) | set(job["config"]) if ours.get(k) != job["config"].get(k))
+    if diff:
+        shown = ", ".join(f"{k}: {job['config'].get(k)!r} -> {ours.get(k)!r}" for k in diff)
+        raise ParameterError(f"resume from {str(ckpt)!r}: the checkpoint was made with other "
+                             f"settings ({shown}); rerun with the same settings, or delete the "
+                             "checkpoint to start over.")
+    return job
+
+
+def load_job(ckpt: Path, job: dict[str, Any]) -> tuple[SpielState, list[dict[str, float]]]:
+    from spdelta.dist import load_checkpoint
+
+    state = load_checkpoint(ckpt / "state")
+    if not isinstance(state, SpielState):
+        raise SpdeltaError(f"{str(ckpt)!r}: expected a spdelta train job checkpoint; found a "
+                           f"{type(state).__name__}. Delete it to start over.")
+    if state.rng_state is not None:
+        torch.set_rng_state(state.rng_state)
+    return state, job["log"][:state.step]
+
+
+def plot_losses(log: list[dict[str, float]], path: Path, title: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    steps = [r["step"] for r in log]
+    ax.plot(steps, [r["loss"] for r in log], lw=0.8, alpha=0.5, label="loss")
+    w = max(1, len(log) // 20)  # a running mean shows the trend through the noise
+    if w > 1:
+        windows = [log[max(0, i - w + 1):i + 1] for i in range(len(log))]
+        smooth = [sum(r["loss"] for r in win) / len(win) for win in windows]
+        ax.plot(steps, smooth, lw=1.5, label=f"running mean of {w}")
+    ax.set(xlabel="step", ylabel="training loss", title=title)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    with atomic_write(path) as f:
+        f.write(buf.getvalue())
+    return True
+
+
+
+def finish(cfg: TrainConfig, run: _Run, model: Any, state: SpielState,
+           log: list[dict[str, float]], summary: dict[str, Any]) -> None:
+    """Write the delta (with its metadata), the JSON log and the loss curve; drop the checkpoint.
+
+    Every rank takes part (an FSDP2 delta is gathered from all of them); rank 0 writes.
+    """
+    from spdelta.format import save_delta
+
+    nnz, entries = summary["nnz"], summary["target_entries"]
+    record = {**comparable(cfg), "nnz": nnz, "achieved_density": nnz / max(1, entries),
+              "total_steps": run.total, "data_format": run.data.format}
+    meta = {KEY_TRAINING: json.dumps(record, sort_keys=True),
+            KEY_BASE_MODEL: str(getattr(model.config, "_name_or_path", "") or cfg.model),
+            KEY_FINGERPRINT: run.fingerprint}
+    if cfg.fsdp:
+        from spdelta.dist import fsdp_delta
+
+        got = fsdp_delta(model, state)  # every rank gathers
+        support = {n: got[n].indices if n in got else torch.zeros(0, dtype=torch.long)
+                   for n in run.shapes}
+        values = {n: got[n].values if n in got else torch.zeros(0) for n in run.shapes}
+    else:
+        support, values = state.support, state.values
+    delta = SparseDelta.from_support({n: i.cpu() for n, i in support.items()},
+                                     {n: v.cpu() for n, v in values.items()}, run.shapes,
+                                     metadata=meta)
+    out, ckpt = Path(cfg.output), ckpt_dir(cfg)
+    if run.rank == 0:
+        if out.parent != Path(""):
+            out.parent.mkdir(parents=True, exist_ok=True)
+        save_delta(delta, out)
+        log_path = out.with_name(out.name + ".log.json")
+        write_json(log_path, {"config": comparable(cfg), "summary": summary, "log": log})
+        png = out.with_name(out.name + ".loss.png")
+        plotted = plot_losses(log, png, f"spdelta {cfg.method} on {Path(cfg.model).name}")
+        run.speak(f"saved {out} ({out.stat().st_size / 1e6:.2f} MB, nnz {nnz:,}); "
+                  f"log {log_path}" + (f"; loss curve {png}" if plotted else
+                                       "; no loss curve (pip install matplotlib)"))
+    if run.world > 1:
+        torch.distributed.barrier()
+    if ckpt.is_dir() and run.rank == 0:
+        shutil.rmtree(ckpt)  # finished: the delta file is the result

@@ -1,0 +1,117 @@
+"""A training job's support selection, optimizer and step function (data parallel or FSDP2)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from spdelta.errors import SpdeltaError
+from spdelta.train._spiel_io import SpielState
+from spdelta.types import Params, Support
+
+if TYPE_CHECKING:
+    from spdelta.train.job import Batch, StepFn, TrainConfig, _Data
+
+
+def budget_density(shapes: Mapping[str, tuple[int, ...]], cfg: TrainConfig) -> float:
+    if cfg.lora_rank is None:
+        return 0.01 if cfg.density is None else cfg.density
+    from spdelta.select import budget
+
+    total = sum(math.prod(s) for s in shapes.values())
+    return budget(shapes, lora_rank=cfg.lora_rank)[""] / total
+
+
+def select_support(cfg: TrainConfig, model: Any, base: Params, names: list[str], data: _Data,
+            shard: Callable[[Batch], Batch], world: int) -> Support:
+    """SPEFT's support: salience on the first calibration batches, global top-k."""
+    from spdelta.dist import score_distributed
+    from spdelta.salience import score
+    from spdelta.select import select_topk
+
+    n_batches = max(1, math.ceil(cfg.calibration_examples / cfg.batch_size))
+    calibration = [shard(data.batch(t)) for t in range(n_batches)]
+    kwargs: dict[str, Any] = {"metric": cfg.metric, "targets": names, "progress": cfg.progress,
+                              "num_examples": max(1, cfg.calibration_examples // world),
+                              "generator": torch.Generator().manual_seed(cfg.seed)}
+    scores = (score_distributed(model, base, calibration, **kwargs) if world > 1
+              else score(model, base, calibration, **kwargs))
+    if cfg.lora_rank is not None:
+        return select_topk(scores, lora_rank=cfg.lora_rank)
+    return select_topk(scores, density=0.01 if cfg.density is None else cfg.density)
+
+
+def make_optimizer(cfg: TrainConfig, support: Support,
+                   shapes: Mapping[str, tuple[int, ...]]) -> Any:
+    from spdelta.optim import adamw, sm3
+
+    if cfg.method == "spiel" and cfg.regrowth == "ma":
+        return sm3(cfg.lr, support=support, shapes=shapes)
+    return adamw(cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def static_step(inner: Callable[[Any, Batch], tuple[Any, dict[str, float]]]) -> StepFn:
+    """A fixed-support ``TrainState`` step as a step on the job's ``SpielState``."""
+    from spdelta.train._loop import TrainState
+
+    def static_step(s: SpielState, batch: Batch) -> tuple[SpielState, dict[str, float]]:
+        t, metrics = inner(TrainState(s.values, s.opt_state, s.step), batch)
+        return s._replace(values=t.values, opt_state=t.opt_state, step=t.step), metrics
+
+    return static_step
+
+
+def make_step_fn(cfg: TrainConfig, model: Any, base: Params, support: Support, optimizer: Any,
+             total: int, world: int) -> StepFn:
+    from spdelta.dist import make_dist_spiel_step, make_dist_train_step
+    from spdelta.functional import make_loss_fn
+    from spdelta.train._loop import make_train_step
+    from spdelta.train.spiel import make_spiel_step
+
+    loss_fn = make_loss_fn(model)  # the fast path, NF4 targets included
+    if cfg.method == "spiel":
+        kwargs: dict[str, Any] = {"total_steps": total, "regrowth": cfg.regrowth, "update_every":
+                  cfg.update_every, "accumulate_steps": cfg.accumulate_steps,
+                  "initial_fraction": cfg.initial_fraction}
+        if world > 1:
+            return make_dist_spiel_step(loss_fn, base, optimizer, **kwargs)
+        return make_spiel_step(loss_fn, base, optimizer, **kwargs)
+    make = make_dist_train_step if world > 1 else make_train_step
+    return static_step(make(loss_fn, optimizer, base, support))
+
+
+def fsdp_engine(cfg: TrainConfig, model: Any, state: SpielState, total: int,
+          resume_from: Path | None) -> tuple[Any, SpielState, StepFn]:
+    """Shard ``model`` with deltas on ``state.support`` (FSDP2); the sharded state and step."""
+    from spdelta.dist import (
+        fsdp_spiel_init,
+        load_checkpoint,
+        make_fsdp_spiel_step,
+        make_fsdp_train_step,
+        shard_with_deltas,
+    )
+    from spdelta.optim import adamw
+
+    # A tensor the global top-k left empty gets no DeltaLinear (FSDP cannot shard 0 values).
+    model = shard_with_deltas(model, {n: i for n, i in state.support.items() if i.numel()})
+    optimizer = adamw(cfg.lr, weight_decay=cfg.weight_decay)
+    template = fsdp_spiel_init(model, optimizer)  # values/optimizer state as sharded DTensors
+    if resume_from is not None:
+        loaded = load_checkpoint(resume_from, template=template)
+        if not isinstance(loaded, SpielState):
+            raise SpdeltaError(f"{str(resume_from)!r}: expected a spdelta train job checkpoint; "
+                               f"found a {type(loaded).__name__}. Delete it to start over.")
+        state = loaded._replace(rng_state=state.rng_state)
+    else:
+        state = template
+    if cfg.method == "spiel":
+        return model, state, make_fsdp_spiel_step(
+            model, optimizer, total_steps=total, regrowth="ag",
+            update_every=cfg.update_every, accumulate_steps=cfg.accumulate_steps,
+            initial_fraction=cfg.initial_fraction)
+    return model, state, static_step(make_fsdp_train_step(model, optimizer))
+
