@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,3 +119,19 @@ def tiny_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 def tiny_chat_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Like ``tiny_lm_dir``, with a chat template in the tokenizer."""
     return save_tiny_lm(str(tmp_path_factory.mktemp("tiny_chat_lm")), chat_template=True)
+
+
+def write_sums(path: Path, rows: int) -> Path:
+    """Write ``rows`` seeded prompt/response lines (``add a b`` -> ``a+b``, a and b in 0..4)."""
+    gen = torch.Generator().manual_seed(0)
+    with open(path, "w") as f:
+        for a, b in torch.randint(0, 5, (rows, 2), generator=gen).tolist():
+            f.write(json.dumps({"prompt": f"add {a} {b}", "response": str(a + b)}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def sums_file() -> Callable[[Path, int], Path]:
+    """:func:`write_sums`, for test modules (conftest is not importable from them)."""
+    return write_sums
+

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -18,15 +19,10 @@ pytestmark = pytest.mark.hf
 
 
 @pytest.fixture(scope="module")
-def sums(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def sums(tmp_path_factory: pytest.TempPathFactory, sums_file: Any) -> Path:
     """Prompt/response rows whose responses all have 2 tokens (a digit and EOS), so the
     mean of the ranks' mean losses is the global batch's mean loss."""
-    path = tmp_path_factory.mktemp("data") / "sums.jsonl"
-    gen = torch.Generator().manual_seed(0)
-    with open(path, "w") as f:
-        for a, b in torch.randint(0, 5, (32, 2), generator=gen).tolist():
-            f.write(json.dumps({"prompt": f"add {a} {b}", "response": str(a + b)}) + "\n")
-    return path
+    return sums_file(tmp_path_factory.mktemp("data") / "sums.jsonl", 32)
 
 
 def _args(model: str, data: Path, out: Path, *extra: str) -> list[str]:

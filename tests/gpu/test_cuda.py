@@ -263,13 +263,8 @@ def _train(model: str, data: Path, out: Path, *extra: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def sums(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "sums.jsonl"
-    gen = torch.Generator().manual_seed(0)
-    with open(path, "w") as f:
-        for a, b in torch.randint(0, 5, (40, 2), generator=gen).tolist():
-            f.write(json.dumps({"prompt": f"add {a} {b}", "response": str(a + b)}) + "\n")
-    return path
+def sums(tmp_path_factory: pytest.TempPathFactory, sums_file: Any) -> Path:
+    return sums_file(tmp_path_factory.mktemp("data") / "sums.jsonl", 40)
 
 
 def _delta(path: Path) -> Any:
