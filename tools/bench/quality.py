@@ -80,12 +80,12 @@ speed-up ASSETS.md reports for CPUs that have it).
 The estimate printed at the start (``estimate_seconds``) adds up ``STEP_S``,
 ``EVAL_S`` and the other constants below per method, scaled linearly with batch size
 and with ``min(max_length, 96)`` (reviews rarely need more than 96 tokens), and
-schedules the methods ``--jobs`` at a time, then the memory probes. ``STEP_S`` comes
-from 6-step runs of 2026-11-23 under glibc's defaults (two 1-thread children: LoRA
-5.8-6.3 s, magnitude SPEFT 5.8-6.0 s, full 8.3 s, SpIEL 6.9 s; gradient SPEFT assumed
-as LoRA); the rest from the full 40-step run of that day, which had the small mmap
-threshold throughout (an evaluated review 0.20-0.27 s, gradient scoring of 64
-reviews 80 s).
+schedules the methods ``--jobs`` at a time, then the memory probes. ``STEP_S`` is the
+median step of the full 60-step run of 2026-11-23 (two 1-thread children, glibc's
+defaults; it took 40.9 min where constants from 6-step runs had estimated 56); the
+rest come from the 40-step run of that day, which had the small mmap threshold
+throughout (an evaluated review 0.20-0.27 s, gradient scoring of 64 reviews 80 s),
+so the estimate still errs long.
 
 Example:
     SPDELTA_CACHE=/tmp/spcache python tools/bench/quality.py --out bench-quality
@@ -121,8 +121,8 @@ SPARSE = ("speft_gradient", "speft_magnitude", "spiel_ag")
 #: Seconds per training step, fp32, batch 8, max_length 96, 1 thread per child, two children
 #: at once on 2 cores, glibc's default malloc (see the docstring); PROBE_SLOWDOWN for the
 #: memory probes' small mmap threshold.
-STEP_S = {"full": 8.3, "lora": 6.0, "speft_gradient": 6.0, "speft_magnitude": 5.9,
-          "spiel_ag": 6.9}
+STEP_S = {"full": 5.8, "lora": 4.6, "speft_gradient": 5.9, "speft_magnitude": 4.8,
+          "spiel_ag": 4.6}
 PROBE_SLOWDOWN = 1.6
 #: Seconds per evaluated review (batches of 32), per gradient-calibration example, per
 #: SPEFT top-k selection, per child process (spawn, imports, data, model) and per LR run.
