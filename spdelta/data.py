@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from spdelta.hf.assets import package_file
 
 __all__ = [
     "SENTIMENT_WORDS",
+    "batch_to",
     "batches",
     "encode_prompt_response",
     "load_rotten_tomatoes",
@@ -244,7 +245,7 @@ def sentiment_accuracy(
     ):
         targets = batch.pop("shift_labels")
         del batch["labels"]  # no loss needed
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        batch = batch_to(batch, device)
         first = (targets != -100).int().argmax(dim=1)  # the kept position predicting the answer
         rows = torch.arange(len(first))
         if use_prefix:
@@ -253,6 +254,23 @@ def sentiment_accuracy(
         truth = (targets[rows, first] == word_ids[1]).long()
         correct += int((scores.argmax(dim=1) == truth).sum())
     return correct / len(dataset)
+
+
+def batch_to(batch: Mapping[str, Any], device: torch.device | str) -> dict[str, Any]:
+    """``batch`` with every tensor moved to ``device`` (other entries unchanged).
+
+    Args:
+        batch: Keyword arguments of a model's forward, e.g. from :func:`batches`.
+        device: The model's device.
+
+    Returns:
+        A new dict.
+
+    Example:
+        >>> batch_to({"input_ids": torch.ones(1, 2, dtype=torch.long), "n": 3}, "cpu")["n"]
+        3
+    """
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 class _SharedPrefix:

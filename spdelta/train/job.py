@@ -243,11 +243,11 @@ class _Run:
 
     def shard(self, batch: Batch) -> dict[str, Any]:
         """This rank's share of a global batch, on the job's device."""
+        from spdelta.data import batch_to
         from spdelta.dist import shard_batch
 
-        mine = shard_batch(batch, self.rank, self.world) if self.world > 1 else batch
-        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v
-                for k, v in mine.items()}
+        return batch_to(shard_batch(batch, self.rank, self.world) if self.world > 1 else batch,
+                        self.device)
 
 
 def _setup(cfg: TrainConfig, say: Callable[[str], None]) -> _Run:
