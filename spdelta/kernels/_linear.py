@@ -10,6 +10,7 @@ from torch import Tensor
 
 from spdelta.kernels._sddmm import sampled_grad
 from spdelta.quant.nf4 import dequantize, is_nf4
+from spdelta.types import is_plain
 
 __all__ = ["SparseDeltaLinear", "merge_weight", "sparse_delta_linear"]
 
@@ -35,7 +36,7 @@ def merge_weight(weight: Tensor, indices: Tensor, values: Tensor) -> Tensor:
     """
     acc = _acc_dtype(weight.dtype)
     dense, src = _dense(weight, acc), values.to(acc)
-    if dense is not weight and _is_plain(dense) and _is_plain(src) and not (
+    if dense is not weight and is_plain(dense) and is_plain(src) and not (
             torch.is_grad_enabled() and (dense.requires_grad or src.requires_grad)):
         flat = dense.view(-1).index_add_(0, indices, src)  # a buffer of our own: no copy
     else:
@@ -45,11 +46,6 @@ def merge_weight(weight: Tensor, indices: Tensor, values: Tensor) -> Tensor:
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _is_plain(t: Tensor) -> bool:
-    return type(t) in (Tensor, torch.nn.Parameter) and not (
-        torch._C._functorch.is_functorch_wrapped_tensor(t))
 
 
 class _Dequantize(torch.autograd.Function):
@@ -88,7 +84,7 @@ def _dense(weight: Tensor, acc: torch.dtype) -> Tensor:
             return _Dequantize.apply(weight).to(acc)  # type: ignore[no-any-return]
         return dequantize(inner).to(acc)
     dense = weight.to(acc)
-    if dense is weight and not _is_plain(weight):
+    if dense is weight and not is_plain(weight):
         # A same-dtype ``.to`` is a no-op: a tensor subclass (e.g. an NF4 base behind a
         # torch.func wrapper) would stay quantised. A dtype round trip dequantises it.
         dense = weight.to(torch.float64).to(acc)

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from spdelta.optim._base import Transform
+from spdelta.optim._base import Transform, empty_like_flat
 from spdelta.types import Values
 
 __all__ = ["AdamWState", "adamw"]
@@ -32,6 +32,12 @@ class AdamWState(NamedTuple):
 
 def _state_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _zeroed(tensors: Values) -> Values:
+    for t in tensors.values():
+        t.zero_()
+    return tensors
 
 
 def adamw(
@@ -82,24 +88,30 @@ def adamw(
                          f"found lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}.")
 
     def init(params: Values) -> AdamWState:
-        mu = {n: torch.zeros_like(p, dtype=_state_dtype(p)) for n, p in params.items()}
-        steps = {n: torch.zeros_like(p, dtype=torch.int32) for n, p in params.items()}
-        return AdamWState(steps, mu, {n: torch.zeros_like(m) for n, m in mu.items()})
+        f64 = {n: p for n, p in params.items() if _state_dtype(p) == torch.float64}
+        mu = {**empty_like_flat(f64),
+              **empty_like_flat({n: p for n, p in params.items() if n not in f64}, torch.float32)}
+        mu = _zeroed({n: mu[n] for n in params})
+        steps = _zeroed(empty_like_flat(params, torch.int32))
+        return AdamWState(steps, mu, _zeroed(empty_like_flat(mu)))
 
     def update(grads: Values, state: AdamWState, params: Values) -> tuple[Values, AdamWState]:
-        updates, steps, mu, nu = {}, {}, {}, {}
+        # The new state and updates go into one buffer each (see empty_like_flat), filled
+        # in place: the same operations, in the same order, as the formula above.
+        steps, mu, nu = (empty_like_flat(x) for x in state)
+        updates = empty_like_flat(state.mu)
         for n, p in params.items():
-            steps[n] = state.steps[n] + 1
+            steps[n].copy_(state.steps[n]).add_(1)
             # Per-entry bias corrections, taken in fp64: ``1 - b2**t`` cancels badly in fp32.
-            t = steps[n].to(torch.float64)
-            c1, c2 = (1 - b1**t).to(state.mu[n].dtype), (1 - b2**t).to(state.mu[n].dtype)
-            g = grads[n].to(state.mu[n].dtype)
-            mu[n] = state.mu[n] * b1 + g * (1 - b1)
-            nu[n] = state.nu[n] * b2 + g * g * (1 - b2)
-            p32 = p.to(mu[n].dtype)
-            decayed = p32 * (1 - lr * weight_decay)
-            step = (mu[n] / c1) / ((nu[n] / c2).sqrt() + eps)
-            updates[n] = decayed - lr * step - p32
+            t, dtype = steps[n].to(torch.float64), mu[n].dtype
+            c1 = torch.pow(b1, t).neg_().add_(1).to(dtype)
+            c2 = torch.pow(b2, t).neg_().add_(1).to(dtype)
+            g = grads[n].to(dtype)
+            mu[n].copy_(state.mu[n]).mul_(b1).add_(g * (1 - b1))
+            nu[n].copy_(state.nu[n]).mul_(b2).add_((g * g).mul_(1 - b2))
+            p32 = p.to(dtype)
+            step = (mu[n] / c1).div_((nu[n] / c2).sqrt_().add_(eps))
+            updates[n].copy_(p32).mul_(1 - lr * weight_decay).sub_(step.mul_(lr)).sub_(p32)
         return updates, AdamWState(steps, mu, nu)
 
     return Transform(init, update)
