@@ -12,6 +12,7 @@ from torch.func import grad, vmap
 
 from spdelta.functional import add_at
 from spdelta.kernels import merge_weight, sampled_grad, sampled_grad_dense, sparse_delta_linear
+from spdelta.kernels._sddmm import _CHUNK
 
 F64 = torch.float64
 
@@ -113,6 +114,20 @@ def test_sampled_grad_equals_dense() -> None:
     torch.testing.assert_close(sampled_grad(g, x, idx, (6, 5)), sampled_grad_dense(g, x, idx))
     idx[0] = 1  # an in-place edit must not reuse the cached CSR pattern
     torch.testing.assert_close(sampled_grad(g, x, idx, (6, 5)), sampled_grad_dense(g, x, idx))
+
+
+@pytest.mark.parametrize("tokens", [0, 1, _CHUNK - 1, _CHUNK, _CHUNK + 1, 2 * _CHUNK + 37])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_sampled_grad_across_token_chunks(tokens: int, transposed: bool) -> None:
+    """The token-major copies go ``_CHUNK`` tokens at a time: ragged tails, strided inputs."""
+    gen = torch.Generator().manual_seed(tokens)
+    g = torch.randn(tokens, 7, generator=gen, dtype=F64)
+    if transposed:  # a (tokens, out) view with non-unit stride along the features
+        g = torch.randn(7, tokens, generator=gen, dtype=F64).t()
+    x = torch.randn(tokens, 9, generator=gen, dtype=F64)
+    idx = torch.randperm(63, generator=gen)[:20].sort().values
+    torch.testing.assert_close(sampled_grad(g, x, idx, (7, 9)), sampled_grad_dense(g, x, idx),
+                               rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("values_dtype", [torch.float32, torch.bfloat16])
