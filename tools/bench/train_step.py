@@ -2,12 +2,15 @@
 
 Same random-init Llama (same seed), same data and thread count for every variant.
 Time: all variants live in this one process, each with its own model; after
-``--warmup`` steps each, steps are timed round-robin (one step of each variant in
-turn, ``--steps`` rounds) and the median is reported, so load from other processes
-on a shared machine hits all variants alike. ``cpu_s`` is the median process CPU
-time of a step (all threads), a second view that is less sensitive to being
-descheduled than wall time. Memory: each variant runs
-``--mem-steps`` steps in its own fresh child process.
+``--warmup`` steps each, they take turns for ``--steps`` rounds, so load from other
+processes on a shared machine hits all variants alike. In each round a variant runs
+two steps in a row and the second is timed (``step_s`` is the median of those): a
+step that follows another variant's step finds the allocator and caches holding that
+other model's buffers, which a training run never does. On the default config such a
+step ran 0-8 % slower, most for ``spdelta_static``; its median is reported too, as
+``step_s_after_other``. ``cpu_s`` is the median process CPU time of a timed step (all
+threads), a second view that is less sensitive to being descheduled than wall time.
+Memory: each variant runs ``--mem-steps`` steps in its own fresh child process.
 
 Memory method: a child first imports everything it will use (torch, transformers,
 spdelta, peft / torchao where the variant needs them) and reads its resident set
@@ -359,13 +362,15 @@ def measure_memory(name: str, cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def measure_time(names: list[str], cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Median step time of every variant, all in this process, steps run round-robin.
+    """Median step time of every variant, all in this process, the variants taking turns.
 
     Each variant gets its own model (same seed) and data; after ``warmup`` steps each,
-    one step of every variant is timed in turn, ``steps`` times, so that load from
-    other processes on a shared machine hits all variants alike.
+    ``steps`` rounds follow, so that load from other processes on a shared machine hits
+    all variants alike. In a round each variant runs two steps back to back; the second
+    is timed, and the first one's median is reported as ``step_s_after_other``.
     ``spdelta_spiel`` warms up to a cycle boundary and then runs ``20 * spiel_cycles``
-    steps spread evenly over the rounds; its ``step_s`` is their total / their count.
+    steps spread evenly over the rounds, every one timed (the phases of the cycle must
+    all be in the sum); its ``step_s`` is their total / their count.
     """
     torch.set_num_threads(cfg["threads"])
     steps = {n: build_step(n, build_model(cfg), cfg)[0] for n in names}
@@ -378,10 +383,15 @@ def measure_time(names: list[str], cfg: dict[str, Any]) -> dict[str, dict[str, A
                 step()
     wall: dict[str, list[float]] = {n: [] for n in names}
     cpu: dict[str, list[float]] = {n: [] for n in names}
+    after_other: dict[str, list[float]] = {n: [] for n in names}
     phase: list[str] = []
     rounds, n_spiel = cfg["steps"], SPIEL_EVERY * cfg["spiel_cycles"]
     for r in range(rounds):
         for n, step in steps.items():
+            if n != "spdelta_spiel":
+                start = time.perf_counter()
+                step()  # follows another variant's step: not in step_s
+                after_other[n].append(time.perf_counter() - start)
             reps = 1
             if n == "spdelta_spiel":
                 reps = (r + 1) * n_spiel // rounds - r * n_spiel // rounds
@@ -393,7 +403,8 @@ def measure_time(names: list[str], cfg: dict[str, Any]) -> dict[str, dict[str, A
                 wall[n].append(time.perf_counter() - start)
                 cpu[n].append(time.process_time() - start_cpu)
     out = {n: {"step_s": statistics.median(wall[n]), "step_s_min": min(wall[n]),
-               "cpu_s": statistics.median(cpu[n]), "step_s_all": wall[n]} for n in names
+               "cpu_s": statistics.median(cpu[n]), "step_s_all": wall[n],
+               "step_s_after_other": statistics.median(after_other[n])} for n in names
            if n != "spdelta_spiel"}
     if "spdelta_spiel" in names:
         w, c = wall["spdelta_spiel"], cpu["spdelta_spiel"]
@@ -435,6 +446,8 @@ def summarize(results: dict[str, dict[str, Any]]) -> dict[str, float]:
 
     for other in ("lora", "frozen", "spdelta_reference", "spdelta_static_func", "full"):
         ratio(f"step_static_over_{other}", "spdelta_static", other, "step_s")
+        ratio(f"step_after_other_static_over_{other}", "spdelta_static", other,
+              "step_s_after_other")
         ratio(f"cpu_static_over_{other}", "spdelta_static", other, "cpu_s")
         ratio(f"peak_static_over_{other}", "spdelta_static", other, "peak_mb")
         ratio(f"peak_total_static_over_{other}", "spdelta_static", other, "peak_total_mb")
