@@ -6,8 +6,9 @@ Time: all variants live in this one process, each with its own model; after
 processes on a shared machine hits all variants alike. In each round a variant runs
 two steps in a row and the second is timed (``step_s`` is the median of those): a
 step that follows another variant's step finds the allocator and caches holding that
-other model's buffers, which a training run never does. On the default config such a
-step ran 0-8 % slower, most for ``spdelta_static``; its median is reported too, as
+other model's buffers, which a training run never does (in side-by-side A/B runs of
+the default config such steps of ``spdelta_static`` ran 2-8 % slower; on a busy
+machine the difference drowns in the noise). Their median is reported too, as
 ``step_s_after_other``. ``cpu_s`` is the median process CPU time of a timed step (all
 threads), a second view that is less sensitive to being descheduled than wall time.
 Memory: each variant runs ``--mem-steps`` steps in its own fresh child process.
