@@ -53,7 +53,9 @@ def empty_like_flat(tensors: Mapping[str, Tensor], dtype: torch.dtype | None = N
     process kept ~9 MB of such holes. One buffer per state field is one allocation,
     served by ``mmap`` once large and returned whole when the next step replaces it.
     Tensor subclasses (DTensor, NF4) and ``torch.func``-wrapped tensors get one
-    ``empty_like`` each.
+    ``empty_like`` each. Any one view keeps its whole buffer alive, and ``torch.save``
+    of a single view writes the whole buffer (a dict of them writes it once; ``.clone()``
+    a view to keep it alone).
 
     Args:
         tensors: Name -> tensor; the results have the same names, shapes and devices.
