@@ -32,6 +32,9 @@ class Transform(NamedTuple):
 def apply_updates(params: Values, updates: Values) -> Values:
     """Return ``{n: params[n] + updates[n]}`` (new tensors, in each param's dtype).
 
+    The results are views into one new buffer per dtype and device (see
+    :func:`empty_like_flat`); the inputs are not modified.
+
     Example:
         >>> import torch
         >>> apply_updates({"w": torch.ones(2)}, {"w": torch.tensor([0.5, -1.0])})["w"].tolist()
