@@ -204,8 +204,9 @@ def sentiment_accuracy(
     ``"negative"`` and ``"positive"`` are compared (a two-way classifier read off
     the language model, zero-shot or after training). The prompt tokens that every
     review of a batch shares (chat template and instruction, about half of each
-    sequence) are run once and reused as a key/value cache when the model takes
-    ``past_key_values``; the logits equal a plain forward pass up to rounding.
+    sequence) are run once and reused as a key/value cache when the model takes one
+    (``cache`` from transformers 5.25, ``past_key_values`` before); the logits equal a
+    plain forward pass up to rounding.
 
     Args:
         model: A causal LM returning ``.logits`` (``(B, T, vocab)``).
@@ -229,10 +230,8 @@ def sentiment_accuracy(
     # accuracy does not depend on the order.
     lengths = [len(t) for t in dataset["text"]]
     order = sorted(range(len(dataset)), key=lambda i: -lengths[i])
-    params = inspect.signature(model.forward).parameters
-    use_prefix = "past_key_values" in params or any(
-        p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    prefix = _SharedPrefix(model)
+    cache_kw = _cache_keyword(model)
+    prefix = _SharedPrefix(model, cache_kw) if cache_kw else None
     device = next(model.parameters()).device
     correct = 0
     total = (len(dataset) + batch_size - 1) // batch_size
@@ -248,7 +247,7 @@ def sentiment_accuracy(
         batch = batch_to(batch, device)
         first = (targets != -100).int().argmax(dim=1)  # the kept position predicting the answer
         rows = torch.arange(len(first))
-        if use_prefix:
+        if prefix is not None:
             batch = prefix.inputs(batch)
         scores = model(**batch).logits[rows, first][:, word_ids].cpu()
         truth = (targets[rows, first] == word_ids[1]).long()
@@ -273,17 +272,31 @@ def batch_to(batch: Mapping[str, Any], device: torch.device | str) -> dict[str, 
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def _cache_keyword(model: Any) -> str | None:
+    """The keyword ``model.forward`` takes a key/value cache by, or None if it takes none.
+
+    transformers 5.25 renamed ``past_key_values`` to ``cache`` (the old name still works
+    but warns); older releases only know ``past_key_values``.
+    """
+    params = inspect.signature(model.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    return None
+
+
 class _SharedPrefix:
     """The key/value cache of the tokens that open every row of a left-padded batch.
 
     ``inputs(batch)`` returns the batch's keyword arguments with that prefix cut off
-    and replaced by ``past_key_values``: a copy of the prefix cache, computed once per
-    distinct prefix, repeated over the rows. The suffixes stay left-padded (the
-    attention mask holds the gap) and keep their original position ids.
+    and replaced by the cache keyword (``cache_kw``): a copy of the prefix cache,
+    computed once per distinct prefix, repeated over the rows. The suffixes stay
+    left-padded (the attention mask holds the gap) and keep their original position ids.
     """
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, cache_kw: str) -> None:
         self.model = model
+        self.cache_kw = cache_kw
         self.key: tuple[int, ...] = ()
         self.cache: Any = None
 
@@ -303,14 +316,15 @@ class _SharedPrefix:
         key = tuple(toks[0, :p].tolist())
         if key != self.key:
             out = self.model(input_ids=toks[:1, :p], use_cache=True)
-            self.key, self.cache = key, out.past_key_values
+            # The output names the cache as the forward's keyword does.
+            self.key, self.cache = key, out[self.cache_kw]
         cache = copy.deepcopy(self.cache)
         cache.batch_repeat_interleave(rows)
         suffix_mask = (torch.arange(width - p, device=ids.device)[None] >= starts[:, None]).long()
         positions = p + (suffix_mask.cumsum(dim=1) - 1).clamp(min=0)
         return {**batch, "input_ids": ids[:, p:], "position_ids": positions,
                 "attention_mask": torch.cat([mask.new_ones(rows, p), suffix_mask], dim=1),
-                "past_key_values": cache, "use_cache": True}
+                self.cache_kw: cache, "use_cache": True}
 
 
 _BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json",

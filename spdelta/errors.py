@@ -31,6 +31,7 @@ __all__ = [
     "ParameterError",
     "ShapeError",
     "SpdeltaError",
+    "SpdeltaWarning",
     "TensorSetError",
     "VersionError",
     "format_names",
@@ -136,6 +137,14 @@ class DataError(SpdeltaError):
 
 class ParameterError(SpdeltaError):
     """A hyperparameter (weight, density, bits, block size, ...) is invalid for the call."""
+
+
+class SpdeltaWarning(UserWarning):
+    """A recoverable case spdelta tells the user about (a weight left out, a fallback taken).
+
+    The test suite turns these into errors (``pyproject.toml``), so a warning spdelta
+    itself raises is always tested for.
+    """
 
 
 def format_names(names: Iterable[str], limit: int = 10) -> str:

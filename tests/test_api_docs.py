@@ -52,8 +52,9 @@ def test_all_is_sorted_and_complete() -> None:
 
 
 def test_error_classes_are_value_errors() -> None:
-    classes = [getattr(errors, n) for n in errors.__all__ if inspect.isclass(getattr(errors, n))]
-    assert classes
+    classes = [getattr(errors, n) for n in errors.__all__ if inspect.isclass(getattr(errors, n))
+               and not issubclass(getattr(errors, n), Warning)]
+    assert classes and issubclass(errors.SpdeltaWarning, UserWarning)
     for cls in classes:
         assert issubclass(cls, errors.SpdeltaError) and issubclass(cls, ValueError), cls
     rules = sorted(int(c.rule[1:]) for c in classes if issubclass(c, errors.FormatError) and c.rule)

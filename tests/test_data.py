@@ -90,7 +90,7 @@ def test_sentiment_accuracy_matches_a_direct_count(tokenizer, tiny_llama) -> Non
 
 
 def test_shared_prefix_cache_gives_each_reviews_own_logits(tokenizer, tiny_llama) -> None:
-    from spdelta.data import _SharedPrefix
+    from spdelta.data import _cache_keyword, _SharedPrefix
 
     model = tiny_llama.eval()  # float64, but HF's eager attention takes its softmax in fp32
     prompts = ["Is this movie review positive or negative?\nReview: " + t
@@ -99,7 +99,7 @@ def test_shared_prefix_cache_gives_each_reviews_own_logits(tokenizer, tiny_llama
     keep = batch["logits_to_keep"]
     for key in ("labels", "shift_labels"):
         del batch[key]
-    prefix = _SharedPrefix(model)
+    prefix = _SharedPrefix(model, _cache_keyword(model))
     with torch.no_grad():
         cut = prefix.inputs(batch)
         assert cut["input_ids"].shape[1] < batch["input_ids"].shape[1]  # a prefix was cut
@@ -113,7 +113,7 @@ def test_shared_prefix_cache_gives_each_reviews_own_logits(tokenizer, tiny_llama
 
 
 def test_shared_prefix_never_takes_the_kept_positions(tokenizer, tiny_llama) -> None:
-    from spdelta.data import _SharedPrefix
+    from spdelta.data import _cache_keyword, _SharedPrefix
 
     prompts = ["Is this movie review positive or negative?\nReview: good"] * 3  # identical rows
     batch = encode_prompt_response(tokenizer, prompts, ["positive"] * 3)
@@ -121,7 +121,7 @@ def test_shared_prefix_never_takes_the_kept_positions(tokenizer, tiny_llama) -> 
     for key in ("labels", "shift_labels"):
         del batch[key]
     with torch.no_grad():
-        cut = _SharedPrefix(tiny_llama.eval()).inputs(batch)
+        cut = _SharedPrefix(tiny_llama.eval(), _cache_keyword(tiny_llama)).inputs(batch)
         assert cut["input_ids"].shape[1] == keep  # everything else is the shared prefix
         alone = tiny_llama(input_ids=batch["input_ids"][:1]).logits[0, -keep:]
         torch.testing.assert_close(tiny_llama(**cut).logits[0], alone, rtol=1e-5, atol=1e-6)
