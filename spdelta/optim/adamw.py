@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from spdelta.optim._base import Transform, empty_like_flat
+from spdelta.optim.schedules import Schedule
 from spdelta.types import Values
 
 __all__ = ["AdamWState", "adamw"]
@@ -23,11 +24,15 @@ class AdamWState(NamedTuple):
             a fresh Adam parameter while the survivors keep their count.
         mu: Name -> first moment, same shape as the values, fp32 (fp64 for fp64 values).
         nu: Name -> second moment, same shape and dtype as ``mu``.
+        num_updates: Number of updates this state has taken (a Python int): the step a
+            learning-rate schedule is evaluated at. Unlike ``steps`` it is global, so
+            regrowth does not reset it.
     """
 
     steps: Values
     mu: Values
     nu: Values
+    num_updates: int = 0
 
 
 def _state_dtype(t: Tensor) -> torch.dtype:
@@ -41,7 +46,7 @@ def _zeroed(tensors: Values) -> Values:
 
 
 def adamw(
-    lr: float,
+    lr: float | Schedule,
     *,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
@@ -59,8 +64,12 @@ def adamw(
     values) and have one entry per stored delta value; so has the step count ``t``
     (int32), which starts at 0 for an entry that a support change brings in.
 
+    A schedule (:mod:`spdelta.optim.schedules`) in place of ``lr`` gives update ``k``
+    (counted from 0 in :attr:`AdamWState.num_updates`) the learning rate ``lr(k)``, in both
+    the step and the weight decay, as ``torch.optim.AdamW`` under an LR scheduler.
+
     Args:
-        lr: Learning rate.
+        lr: Learning rate, or a schedule ``lr(step) -> float``.
         betas: Decay rates ``(b1, b2)`` of the first and second moments.
         eps: Added to the denominator for stability.
         weight_decay: Decoupled decay coefficient ``wd``.
@@ -83,7 +92,8 @@ def adamw(
         https://arxiv.org/abs/1711.05101
     """
     b1, b2 = betas
-    if not lr >= 0 or eps < 0 or weight_decay < 0 or not (0 <= b1 < 1 and 0 <= b2 < 1):
+    bad_lr = not (callable(lr) or lr >= 0)
+    if bad_lr or eps < 0 or weight_decay < 0 or not (0 <= b1 < 1 and 0 <= b2 < 1):
         raise ValueError(f"adamw: expected lr, eps, weight_decay >= 0 and betas in [0, 1); "
                          f"found lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}.")
 
@@ -93,13 +103,14 @@ def adamw(
               **empty_like_flat({n: p for n, p in params.items() if n not in f64}, torch.float32)}
         mu = _zeroed({n: mu[n] for n in params})
         steps = _zeroed(empty_like_flat(params, torch.int32))
-        return AdamWState(steps, mu, _zeroed(empty_like_flat(mu)))
+        return AdamWState(steps, mu, _zeroed(empty_like_flat(mu)), 0)
 
     def update(grads: Values, state: AdamWState, params: Values) -> tuple[Values, AdamWState]:
         # The new state and updates go into one buffer each (see empty_like_flat), filled
         # in place: the same operations, in the same order, as the formula above.
-        steps, mu, nu = (empty_like_flat(x) for x in state)
+        steps, mu, nu = (empty_like_flat(x) for x in state[:3])
         updates = empty_like_flat(state.mu)
+        rate = float(lr(state.num_updates)) if callable(lr) else lr
         for n, p in params.items():
             steps[n].copy_(state.steps[n]).add_(1)
             # Per-entry bias corrections, taken in fp64: ``1 - b2**t`` cancels badly in fp32.
@@ -111,8 +122,8 @@ def adamw(
             nu[n].copy_(state.nu[n]).mul_(b2).add_((g * g).mul_(1 - b2))
             p32 = p.to(dtype)
             step = (mu[n] / c1).div_((nu[n] / c2).sqrt_().add_(eps))
-            updates[n].copy_(p32).mul_(1 - lr * weight_decay).sub_(step.mul_(lr)).sub_(p32)
-        return updates, AdamWState(steps, mu, nu)
+            updates[n].copy_(p32).mul_(1 - rate * weight_decay).sub_(step.mul_(rate)).sub_(p32)
+        return updates, AdamWState(steps, mu, nu, state.num_updates + 1)
 
     return Transform(init, update)
 

@@ -82,6 +82,7 @@ def remap_adamw_state(state: AdamWState, old: Support, new: Support) -> AdamWSta
     Survivors keep their moments and their own step count. A newcomer starts with zero
     moments and step count 0, so its bias correction is that of a fresh Adam parameter
     (its first step is ``lr`` in size). Tensors absent from ``new`` are kept as they are.
+    The global ``num_updates`` (the learning-rate schedule's step) is kept.
 
     Args:
         state: The state, aligned with ``old``.
@@ -104,7 +105,7 @@ def remap_adamw_state(state: AdamWState, old: Support, new: Support) -> AdamWSta
     """
     _check(old, new)
     return AdamWState(_remap_dict(state.steps, old, new), _remap_dict(state.mu, old, new),
-                      _remap_dict(state.nu, old, new))
+                      _remap_dict(state.nu, old, new), state.num_updates)
 
 
 def remap_sm3_state(state: SM3State, new: Support) -> SM3State:
@@ -194,7 +195,7 @@ def state_to_tree(state: Any) -> Any:
         return None
     if isinstance(state, AdamWState):
         return {"type": "AdamWState", "steps": dict(state.steps), "mu": dict(state.mu),
-                "nu": dict(state.nu)}
+                "nu": dict(state.nu), "count": int(state.num_updates)}
     if isinstance(state, SM3State):
         return {"type": "SM3State", "steps": state.steps, "support": dict(state.support),
                 "accumulators": {n: list(a) for n, a in state.accumulators.items()},
@@ -213,6 +214,14 @@ def _adamw_steps(tree: dict[str, Any]) -> Values:
             for n, m in tree["mu"].items()}
 
 
+def _adamw_count(tree: dict[str, Any], steps: Values) -> int:
+    if "count" in tree:  # the shared count of old files is this global count too
+        return int(tree["count"])
+    # Files with per-entry steps but no global count: the largest per-entry count is the
+    # number of updates (exact unless regrowth replaced every entry of every tensor).
+    return max((int(s.max()) for s in steps.values() if s.numel()), default=0)
+
+
 def state_from_tree(tree: Any) -> Any:
     """Rebuild an optimizer state encoded by :func:`state_to_tree`.
 
@@ -227,7 +236,8 @@ def state_from_tree(tree: Any) -> Any:
         return None
     kind = tree.get("type") if isinstance(tree, dict) else None
     if kind == "AdamWState":
-        return AdamWState(_adamw_steps(tree), dict(tree["mu"]), dict(tree["nu"]))
+        steps = _adamw_steps(tree)
+        return AdamWState(steps, dict(tree["mu"]), dict(tree["nu"]), _adamw_count(tree, steps))
     if kind == "SM3State":
         return SM3State(int(tree.get("steps", tree.get("count"))), dict(tree["support"]),
                         {n: tuple(a) for n, a in tree["accumulators"].items()},

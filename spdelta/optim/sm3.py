@@ -10,6 +10,7 @@ from torch import Tensor
 
 from spdelta.errors import KeyMismatchError, ParameterError, format_names
 from spdelta.optim._base import Transform
+from spdelta.optim.schedules import Schedule
 from spdelta.types import Shape, Support, Values
 
 __all__ = ["SM3State", "sm3", "unravel"]
@@ -19,7 +20,8 @@ class SM3State(NamedTuple):
     """State of :func:`sm3`.
 
     Attributes:
-        steps: Number of updates taken (a Python int).
+        steps: Number of updates taken (a Python int); a learning-rate schedule is
+            evaluated at it.
         support: Name -> 1-D int64 sorted flat indices the values sit at. The state,
             not the factory, is authoritative: a prune/regrow step replaces it (see
             :func:`spdelta.optim.reset.remap_state`).
@@ -76,7 +78,7 @@ def _check_keys(support: Mapping[str, Tensor], shapes: Mapping[str, Shape]) -> N
 
 
 def sm3(
-    lr: float,
+    lr: float | Schedule,
     *,
     support: Mapping[str, Tensor],
     shapes: Mapping[str, Shape | torch.Size],
@@ -108,7 +110,8 @@ def sm3(
     must remap the state (:func:`spdelta.optim.reset.remap_state`).
 
     Args:
-        lr: Learning rate.
+        lr: Learning rate, or a schedule ``lr(step) -> float`` evaluated at
+            :attr:`SM3State.steps` (:mod:`spdelta.optim.schedules`).
         support: Name -> 1-D int64 sorted flat indices of the values ``init`` receives.
         shapes: Name -> dense shape; may hold more names than ``support``.
         momentum: Momentum coefficient in ``[0, 1)``; 0 keeps no buffer.
@@ -138,7 +141,7 @@ def sm3(
         Ansell et al., "Scaling Sparse Fine-Tuning to Large Language Models", 2024,
         https://arxiv.org/abs/2401.16405
     """
-    if not lr >= 0 or not eps >= 0 or not 0 <= momentum < 1:
+    if not (callable(lr) or lr >= 0) or not eps >= 0 or not 0 <= momentum < 1:
         raise ParameterError(f"sm3: expected lr >= 0, eps >= 0 and momentum in [0, 1); "
                              f"found lr={lr}, eps={eps}, momentum={momentum}.")
     _check_keys(support, {n: tuple(s) for n, s in shapes.items()})
@@ -157,6 +160,7 @@ def sm3(
 
     def update(grads: Values, state: SM3State, params: Values) -> tuple[Values, SM3State]:
         updates, accs, moms = {}, {}, {}
+        rate = float(lr(state.steps)) if callable(lr) else lr
         for n in params:
             acc = state.accumulators[n]
             g = grads[n].to(acc[0].dtype)
@@ -171,7 +175,7 @@ def sm3(
             if momentum > 0:
                 step = state.momentum[n] * momentum + step * (1 - momentum)
                 moms[n] = step
-            updates[n] = -lr * step
+            updates[n] = -rate * step
         return updates, SM3State(state.steps + 1, state.support, accs, moms)
 
     return Transform(init, update)

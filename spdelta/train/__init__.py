@@ -6,11 +6,14 @@ Example:
     ('values', 'opt_state', 'step')
 """
 
+from spdelta.train._accum import MicroBatches, accumulate, label_tokens, micro_batches
 from spdelta.train._loop import (
     TrainState,
     TrainStepFn,
+    clipped,
     cycle,
     init_train_state,
+    learning_rate,
     make_train_step,
     run_steps,
 )
@@ -26,15 +29,21 @@ from spdelta.train.spiel import (
 )
 
 __all__ = [
+    "MicroBatches",
     "SpielState",
     "TRAINING_KEY",
     "TrainState",
     "TrainStepFn",
+    "accumulate",
+    "clipped",
     "cycle",
     "init_train_state",
+    "label_tokens",
+    "learning_rate",
     "load_state",
     "make_spiel_step",
     "make_train_step",
+    "micro_batches",
     "prune_regrow",
     "run_steps",
     "save_state",

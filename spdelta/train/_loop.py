@@ -10,12 +10,17 @@ from tqdm.auto import tqdm
 from spdelta.errors import SpdeltaError
 from spdelta.functional import LossFn
 from spdelta.kernels import eager_grad_and_value
-from spdelta.optim import Transform, apply_updates
+from spdelta.optim import Schedule, Transform, apply_updates, chain, clip_by_global_norm
+from spdelta.optim.schedules import warmup_schedule
+from spdelta.train._accum import MicroBatches, accumulate
 from spdelta.types import Params, Support, Values
 
-__all__ = ["TrainState", "TrainStepFn", "cycle", "init_train_state", "make_train_step", "run_steps"]
+__all__ = ["TrainState", "TrainStepFn", "clipped", "cycle", "init_train_state", "learning_rate",
+           "make_train_step", "run_steps"]
 
 Batch = Mapping[str, Any]
+#: What a train step takes: one batch, or the micro-batches of one step.
+StepInput = Batch | MicroBatches
 
 
 class TrainState(NamedTuple):
@@ -33,7 +38,46 @@ class TrainState(NamedTuple):
 
 
 #: ``train_step(state, batch) -> (new_state, metrics)``; metrics map str -> float.
-TrainStepFn = Callable[[TrainState, Batch], tuple[TrainState, dict[str, float]]]
+TrainStepFn = Callable[[TrainState, StepInput], tuple[TrainState, dict[str, float]]]
+
+
+def learning_rate(lr: float, *, schedule: str = "constant", warmup: float = 0.0,
+                  total_steps: int, start: int = 0) -> Schedule:
+    """The recipes' learning rate: :func:`~spdelta.optim.warmup_schedule`, seen from ``start``.
+
+    Args:
+        lr: Peak learning rate.
+        schedule: ``"constant"``, ``"linear"`` or ``"cosine"`` decay after the warmup.
+        warmup: Warmup steps (whole, ``>= 1``) or ratio of ``total_steps`` (``< 1``).
+        total_steps: Length of the whole run.
+        start: The run's step at which the optimizer that gets this schedule takes its
+            first update (a phase of dynamic SPEFT starts a fresh optimizer mid-run).
+
+    Returns:
+        ``schedule(k) = warmup_schedule(...)(start + k)``.
+
+    Raises:
+        ParameterError: A bad ``schedule``, ``lr`` or ``warmup``.
+
+    Example:
+        >>> learning_rate(1e-3, schedule="linear", total_steps=10, start=5)(0)
+        0.0005
+    """
+    full = warmup_schedule(schedule, lr=lr, total_steps=total_steps, warmup=warmup)
+    return full if start == 0 else (lambda k: full(k + start))
+
+
+def clipped(optimizer: Transform, max_grad_norm: float | None) -> Transform:
+    """``optimizer`` after :func:`~spdelta.optim.clip_by_global_norm` (``None``: as it is).
+
+    Example:
+        >>> from spdelta.optim import adamw
+        >>> len(clipped(adamw(0.1), 1.0).init({}))
+        2
+    """
+    if max_grad_norm is None:
+        return optimizer
+    return chain(clip_by_global_norm(max_grad_norm), optimizer)
 
 
 def init_train_state(optimizer: Transform, values: Values) -> TrainState:
@@ -56,7 +100,10 @@ def make_train_step(
     One step: ``grads, loss = eager_grad_and_value(loss_fn)(values, base, support,
     batch)``, then ``updates, opt_state = optimizer.update(grads, opt_state, values)``
     and ``values = apply_updates(values, updates)``. ``base`` and ``support`` are data
-    closed over, never differentiated; only ``values`` are.
+    closed over, never differentiated; only ``values`` are. A
+    :class:`~spdelta.train.MicroBatches` in place of the batch accumulates the
+    gradient over its micro-batches (:func:`~spdelta.train.micro_batches`), one
+    forward and backward at a time, before the one update.
 
     The gradient is :func:`spdelta.kernels.eager_grad_and_value` (``torch.autograd.grad``
     without ``create_graph``), not ``torch.func.grad_and_value``: each saved activation
@@ -92,8 +139,8 @@ def make_train_step(
     """
     grad_fn = eager_grad_and_value(loss_fn)
 
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, float]]:
-        grads, loss = grad_fn(state.values, base, support, batch)
+    def train_step(state: TrainState, batch: StepInput) -> tuple[TrainState, dict[str, float]]:
+        grads, loss = accumulate(lambda b: grad_fn(state.values, base, support, b), batch)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.values)
         values = {n: v.detach() for n, v in apply_updates(state.values, updates).items()}
         new = TrainState(values, opt_state, state.step + 1)
@@ -102,7 +149,7 @@ def make_train_step(
     return train_step
 
 
-def cycle(batches: Iterable[Batch]) -> Iterator[Batch]:
+def cycle(batches: Iterable[StepInput]) -> Iterator[StepInput]:
     """Yield from ``batches`` forever, re-iterating it when it is exhausted.
 
     Raises:
@@ -127,7 +174,7 @@ def cycle(batches: Iterable[Batch]) -> Iterator[Batch]:
 def run_steps(
     train_step: TrainStepFn,
     state: TrainState,
-    batches: Iterator[Batch],
+    batches: Iterator[StepInput],
     *,
     steps: int,
     progress: bool = True,

@@ -17,7 +17,15 @@ from spdelta.optim import adamw
 from spdelta.salience import LossCallable, Metric, score
 from spdelta.select import Scope, select_topk
 from spdelta.targets import TargetSpec, resolve_targets
-from spdelta.train._loop import cycle, init_train_state, make_train_step, run_steps
+from spdelta.train._accum import MicroBatches
+from spdelta.train._loop import (
+    clipped,
+    cycle,
+    init_train_state,
+    learning_rate,
+    make_train_step,
+    run_steps,
+)
 from spdelta.types import Params
 
 __all__ = ["TRAINING_KEY", "speft"]
@@ -33,11 +41,22 @@ def _record(delta: SparseDelta, settings: dict[str, Any]) -> SparseDelta:
     return delta.with_metadata({TRAINING_KEY: json.dumps(record, sort_keys=True)})
 
 
+class _Plain:
+    """Re-iterable view of ``batches`` with micro-batches one by one (scoring reads plain ones)."""
+
+    def __init__(self, batches: Iterable[Any]) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[Mapping[str, Any]]:
+        for b in self.batches:
+            yield from (b.batches if isinstance(b, MicroBatches) else (b,))
+
+
 def _phase(model: nn.Module, base: Params, calibration: Iterable[Mapping[str, Any]],
-           batches: Iterator[Mapping[str, Any]], names: list[str], steps: int,
+           batches: Iterator[Any], names: list[str], steps: int, start: int,
            settings: dict[str, Any], opts: dict[str, Any]
            ) -> tuple[SparseDelta, list[dict[str, float]]]:
-    """Score on ``base``, select, and train ``steps`` steps from zero values with fresh AdamW."""
+    """Score on ``base``, select, and train steps ``start .. start+steps-1`` with fresh AdamW."""
     scores = score(model, base, calibration, metric=opts["metric"], targets=names,
                    num_examples=settings["calibration_examples"], generator=opts["generator"],
                    loss=opts["loss"], progress=opts["progress"])
@@ -46,7 +65,10 @@ def _phase(model: nn.Module, base: Params, calibration: Iterable[Mapping[str, An
     del scores
     values = {n: torch.zeros(i.numel(), dtype=accumulate_dtype(base[n].dtype), device=i.device)
               for n, i in support.items()}
-    optimizer = adamw(settings["lr"], weight_decay=settings["weight_decay"])
+    rate = learning_rate(settings["lr"], schedule=settings["lr_schedule"],
+                         warmup=settings["warmup"], total_steps=settings["steps"], start=start)
+    optimizer = clipped(adamw(rate, weight_decay=settings["weight_decay"]),
+                        settings["max_grad_norm"])
     step = make_train_step(make_loss_fn(model, opts["loss"]), optimizer, base, support)
     state, history = run_steps(step, init_train_state(optimizer, values), batches, steps=steps,
                                progress=opts["progress"], desc="speft")
@@ -57,7 +79,7 @@ def _phase(model: nn.Module, base: Params, calibration: Iterable[Mapping[str, An
 def speft(
     model: nn.Module,
     base: Mapping[str, Tensor],
-    batches: Iterable[Mapping[str, Any]],
+    batches: Iterable[Any],
     *,
     metric: str | Metric = "gradient",
     density: float | None = None,
@@ -65,6 +87,9 @@ def speft(
     targets: TargetSpec = "all-linear",
     steps: int,
     lr: float,
+    lr_schedule: str = "constant",
+    warmup: float = 0.0,
+    max_grad_norm: float | None = None,
     weight_decay: float = 0.0,
     calibration_examples: int = 1024,
     calibration_batches: Iterable[Mapping[str, Any]] | None = None,
@@ -92,19 +117,30 @@ def speft(
 
     The delta's metadata ``"spdelta.training"`` is a JSON object with ``method``
     (``"speft"``), ``metric``, ``density``, ``lora_rank``, ``scope``, ``targets`` (the
-    spec as given), ``steps``, ``lr``, ``weight_decay``, ``calibration_examples``,
-    ``dynamic_every``, ``nnz`` and ``achieved_density``.
+    spec as given), ``steps``, ``lr``, ``lr_schedule``, ``warmup``, ``max_grad_norm``,
+    ``weight_decay``, ``calibration_examples``, ``dynamic_every``, ``nnz`` and
+    ``achieved_density``.
+
+    The learning rate follows ``lr_schedule`` over the whole run
+    (:func:`~spdelta.optim.warmup_schedule`: a linear ``warmup`` to ``lr``, then
+    constant, linear or cosine decay to 0 at ``steps``); a dynamic phase's fresh AdamW
+    continues the schedule where the run is. ``max_grad_norm`` clips the values'
+    gradient by its global norm before AdamW (:func:`~spdelta.optim.clip_by_global_norm`).
 
     Args:
         model: The module; ``model(**batch)`` must work. Not modified.
         base: Name -> tensor of the parameters (e.g. ``dict(model.named_parameters())``).
-        batches: Re-iterable of training batch dicts, cycled for ``steps`` steps.
+        batches: Re-iterable of training batch dicts (or
+            :class:`~spdelta.train.MicroBatches`), cycled for ``steps`` steps.
         metric: Salience metric name (see :data:`spdelta.salience.METRICS`) or callable.
         density: Fraction of the target entries to train (exclusive with ``lora_rank``).
         lora_rank: Train as many entries as a rank-``r`` LoRA on the targets has.
         targets: Target weights (see :func:`spdelta.targets.resolve_targets`).
         steps: Number of optimizer steps, ``>= 0``.
-        lr: AdamW learning rate.
+        lr: AdamW (peak) learning rate.
+        lr_schedule: ``"constant"``, ``"linear"`` or ``"cosine"`` decay after the warmup.
+        warmup: Warmup steps (a whole number ``>= 1``) or a ratio of ``steps`` (``< 1``).
+        max_grad_norm: Clip the gradient to this global norm; ``None``: no clipping.
         weight_decay: AdamW decoupled decay; it pulls the delta toward zero.
         calibration_examples: Examples used for each scoring.
         calibration_batches: Batches for scoring; defaults to ``batches``.
@@ -119,8 +155,9 @@ def speft(
         fp64 for fp64 weights) and one ``{"loss", "step", "phase"}`` dict per step.
 
     Raises:
-        ParameterError: Not exactly one of ``density``/``lora_rank``, ``steps < 0`` or
-            ``dynamic_every < 1``; and errors of scoring/selection.
+        ParameterError: Not exactly one of ``density``/``lora_rank``, ``steps < 0``,
+            ``dynamic_every < 1``, a bad ``lr_schedule``, ``warmup`` or
+            ``max_grad_norm``; and errors of scoring/selection.
 
     Example:
         >>> import torch
@@ -143,23 +180,28 @@ def speft(
     if steps < 0 or (dynamic_every is not None and dynamic_every < 1):
         raise ParameterError(f"speft: expected steps >= 0 and dynamic_every >= 1 or None; found "
                            f"steps={steps}, dynamic_every={dynamic_every}.")
+    learning_rate(lr, schedule=lr_schedule, warmup=warmup, total_steps=steps)  # validates
+    clipped(adamw(lr), max_grad_norm)
     base = {k: v.detach() for k, v in base.items()}  # never build graphs through the base
     names = resolve_targets(model, targets)
     metric_name = metric if isinstance(metric, str) else getattr(metric, "__name__", "custom")
     settings = {"metric": metric_name,
                 "density": density, "lora_rank": lora_rank, "scope": scope,
                 "targets": targets if isinstance(targets, str) else list(targets), "steps": steps,
-                "lr": lr, "weight_decay": weight_decay, "dynamic_every": dynamic_every,
+                "lr": lr, "lr_schedule": lr_schedule, "warmup": warmup,
+                "max_grad_norm": max_grad_norm, "weight_decay": weight_decay,
+                "dynamic_every": dynamic_every,
                 "calibration_examples": calibration_examples}
     opts = {"metric": metric, "generator": generator, "loss": loss, "progress": progress}
-    calibration = batches if calibration_batches is None else calibration_batches
+    calibration = _Plain(batches) if calibration_batches is None else calibration_batches
     train_batches = cycle(batches)
     total: SparseDelta | None = None
     history: list[dict[str, float]] = []
     phase_base, done, phase = base, 0, 0
     while total is None or done < steps:
         n = min(dynamic_every or steps, steps - done)
-        delta, h = _phase(model, phase_base, calibration, train_batches, names, n, settings, opts)
+        delta, h = _phase(model, phase_base, calibration, train_batches, names, n, done, settings,
+                          opts)
         history += [{**m, "step": float(done + i + 1), "phase": float(phase)}
                     for i, m in enumerate(h)]
         total = delta if total is None else compose(total, delta)

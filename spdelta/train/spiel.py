@@ -19,7 +19,16 @@ from spdelta.delta import SparseDelta, topk_indices
 from spdelta.errors import ParameterError, SpdeltaError
 from spdelta.functional import LossFn, make_loss_fn
 from spdelta.kernels import eager_grad_and_value
-from spdelta.optim import SM3State, Transform, adamw, apply_updates, remap_state, sm3
+from spdelta.optim import (
+    SM3State,
+    Transform,
+    adamw,
+    apply_updates,
+    remap_state,
+    sm3,
+)
+from spdelta.train._accum import MicroBatches, accumulate
+from spdelta.train._loop import clipped, learning_rate
 from spdelta.train._spiel_io import SpielState, load_state, save_state
 from spdelta.types import Params, Shape, Support, Values
 
@@ -27,6 +36,7 @@ __all__ = ["PruneRegrowResult", "SpielState", "load_state", "make_spiel_step", "
            "prune_regrow", "random_support", "save_state", "spiel", "spiel_init"]
 
 Regrowth = Literal["ag", "ma"]
+LRSchedule = Callable[[int], float]
 Schedule = Literal["linear", "cosine"]
 
 
@@ -253,8 +263,11 @@ def make_spiel_step(
     accumulate_steps: int = 5,
     initial_fraction: float = 0.2,
     schedule: Schedule = "linear",
-) -> Callable[[SpielState, Mapping[str, Any]], tuple[SpielState, dict[str, float]]]:
+) -> Callable[[SpielState, Any], tuple[SpielState, dict[str, float]]]:
     """Build ``spiel_step(state, batch) -> (state, metrics)``: one update, then maybe prune/regrow.
+
+    ``batch`` is one batch, or a :class:`~spdelta.train.MicroBatches` whose gradients
+    (the dense AG gradients too) are accumulated before the update.
 
     Step ``t`` (1-based, after the update) is a *regrowth step* when ``t % update_every
     == 0`` and ``t < total_steps``. There, per tensor (budgets are per tensor: each keeps
@@ -319,7 +332,7 @@ def make_spiel_step(
     # the fast kernel build a dense dL/dW on every step; only the AG window asks for one.
     base = {n: t.detach() for n, t in base.items()}
 
-    def spiel_step(state: SpielState, batch: Mapping[str, Any]
+    def spiel_step(state: SpielState, batch: Mapping[str, Any] | MicroBatches
                    ) -> tuple[SpielState, dict[str, float]]:
         t = state.step + 1
         next_regrow = -(-t // update_every) * update_every  # the first regrowth step >= t
@@ -327,10 +340,12 @@ def make_spiel_step(
         in_window = next_regrow - t < accumulate_steps and next_regrow < total_steps
         grad_acc = state.grad_acc
         if regrowth == "ag" and in_window:
-            grads, g_dense, loss = _dense_grads(loss_fn, state, base, batch)
+            grads, g_dense, loss = accumulate(lambda b: _dense_grads(loss_fn, state, base, b),
+                                              batch)
             grad_acc = {n: grad_acc[n] + g if n in grad_acc else g for n, g in g_dense.items()}
         else:
-            grads, loss = _grad(loss_fn, state.values, base, state.support, batch)
+            grads, loss = accumulate(
+                lambda b: _grad(loss_fn, state.values, base, state.support, b), batch)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.values)
         state = state._replace(values=apply_updates(state.values, updates), opt_state=opt_state,
                                step=t, grad_acc=grad_acc)
@@ -345,7 +360,7 @@ def make_spiel_step(
     return spiel_step
 
 
-def _next_batch(it: Iterator[Mapping[str, Any]], steps: int) -> Mapping[str, Any]:
+def _next_batch(it: Iterator[Any], steps: int) -> Any:
     try:
         return next(it)
     except StopIteration:
@@ -353,9 +368,9 @@ def _next_batch(it: Iterator[Mapping[str, Any]], steps: int) -> Mapping[str, Any
                              "that many (e.g. itertools.cycle over a loader).") from None
 
 
-def _start(base: Params, shapes: dict[str, Shape], *, density: float, lr: float,
-           regrowth: Regrowth, optimizer: str, generator: torch.Generator,
-           checkpoint: str | None) -> tuple[SpielState, Transform]:
+def _start(base: Params, shapes: dict[str, Shape], *, density: float, lr: LRSchedule,
+           max_grad_norm: float | None, regrowth: Regrowth, optimizer: str,
+           generator: torch.Generator, checkpoint: str | None) -> tuple[SpielState, Transform]:
     """The initial state (random support, zero values) or the checkpoint's, and the optimizer."""
     if optimizer not in ("auto", "adamw", "sm3"):
         raise ParameterError(f"optimizer must be 'auto', 'adamw' or 'sm3'; found {optimizer!r}.")
@@ -364,7 +379,8 @@ def _start(base: Params, shapes: dict[str, Shape], *, density: float, lr: float,
     values = {n: torch.zeros(s.numel(), dtype=base[n].dtype, device=s.device)
               for n, s in support.items()}
     kind = ("sm3" if regrowth == "ma" else "adamw") if optimizer == "auto" else optimizer
-    opt = sm3(lr, support=support, shapes=shapes) if kind == "sm3" else adamw(lr)
+    opt = clipped(sm3(lr, support=support, shapes=shapes) if kind == "sm3" else adamw(lr),
+                  max_grad_norm)
     state = spiel_init(values, support, opt, generator=generator)
     if checkpoint is not None and os.path.exists(checkpoint):
         state = load_state(checkpoint)
@@ -382,13 +398,16 @@ def _resolve(model: nn.Module, targets: Sequence[str] | str) -> list[str]:
 def spiel(
     model: nn.Module,
     base: Params,
-    batches: Iterable[Mapping[str, Any]],
+    batches: Iterable[Any],
     *,
     density: float,
     targets: Sequence[str] | str,
     steps: int,
     lr: float,
     generator: torch.Generator,
+    lr_schedule: str = "constant",
+    warmup: float = 0.0,
+    max_grad_norm: float | None = None,
     regrowth: Regrowth = "ag",
     optimizer: Literal["auto", "adamw", "sm3"] = "auto",
     update_every: int = 20,
@@ -412,13 +431,19 @@ def spiel(
     Args:
         model: The module (only its structure is used; weights come from ``base``).
         base: Name -> tensor for every parameter; targets may be NF4 (:mod:`spdelta.quant`).
-        batches: Yields ``model.forward`` keyword dicts; at least ``steps`` of them.
+        batches: Yields ``model.forward`` keyword dicts (or
+            :class:`~spdelta.train.MicroBatches`); at least ``steps`` of them.
         density: Fraction of each target's entries that are trainable, in ``[0, 1]``.
         targets: Weight names, module-name suffixes, a regex or ``"all-linear"``
             (see :func:`spdelta.targets.resolve_targets`).
         steps: Number of optimizer steps.
-        lr: Learning rate.
+        lr: (Peak) learning rate.
         generator: Draws the initial support.
+        lr_schedule: ``"constant"``, ``"linear"`` or ``"cosine"`` learning-rate decay after
+            the warmup (:func:`~spdelta.optim.warmup_schedule`), to 0 at ``steps``.
+        warmup: Warmup steps (a whole number ``>= 1``) or a ratio of ``steps`` (``< 1``).
+        max_grad_norm: Clip the values' gradient to this global norm before the
+            optimizer; ``None``: no clipping.
         regrowth: ``"ag"`` or ``"ma"`` (see :func:`make_spiel_step`).
         optimizer: ``"auto"``, ``"adamw"`` or ``"sm3"``.
         update_every: Steps between regrowths (``R``).
@@ -455,8 +480,10 @@ def spiel(
 
     names = _resolve(model, targets)
     shapes = {n: tuple(base[n].shape) for n in names}
-    state, opt = _start(base, shapes, density=density, lr=lr, regrowth=regrowth,
-                        optimizer=optimizer, generator=generator, checkpoint=checkpoint)
+    rate = learning_rate(lr, schedule=lr_schedule, warmup=warmup, total_steps=steps)
+    state, opt = _start(base, shapes, density=density, lr=rate, max_grad_norm=max_grad_norm,
+                        regrowth=regrowth, optimizer=optimizer, generator=generator,
+                        checkpoint=checkpoint)
     # The fast path takes NF4 targets too: it dequantises them per op, keeping no dense W.
     loss_fn = make_loss_fn(model, loss, impl="fast")
     step_fn = make_spiel_step(loss_fn, base, opt, total_steps=steps, regrowth=regrowth,
