@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,14 +13,15 @@ from spdelta.errors import DataError
 from spdelta.hf.assets import package_file
 
 __all__ = [
+    "SENTIMENT_SYSTEM",
     "SENTIMENT_WORDS",
     "batch_to",
     "batches",
     "encode_prompt_response",
     "load_rotten_tomatoes",
     "load_table",
+    "prompt_format",
     "prompt_response_pairs",
-    "sentiment_accuracy",
     "sentiment_prompt",
 ]
 
@@ -88,13 +87,53 @@ def sentiment_prompt(text: str) -> str:
     return f"Is this movie review positive or negative?\nReview: {text}"
 
 
-def _prompt_ids(tokenizer: Any, prompt: str, system: str | None) -> list[int]:
-    if getattr(tokenizer, "chat_template", None):
+def prompt_format(tokenizer: Any, chat_template: str | None = "auto") -> str:
+    """How :func:`encode_prompt_response` lays out a prompt for this tokenizer and choice.
+
+    Args:
+        tokenizer: A Hugging Face tokenizer.
+        chat_template: ``"auto"``, ``"none"`` or the text of a Jinja chat template
+            (see :func:`encode_prompt_response`); ``None`` is ``"auto"``.
+
+    Returns:
+        ``"chat:tokenizer"`` (the tokenizer's own template), ``"chat:given"`` (the one
+        passed), ``"plain"`` (prompt + response as one text) or ``"answer_suffix"``
+        (``"auto"`` without a template: the prompt, then ``"\nAnswer:"``).
+
+    Example:
+        >>> prompt_format(object(), "none")
+        'plain'
+    """
+    if chat_template in (None, "auto"):
+        return "chat:tokenizer" if getattr(tokenizer, "chat_template", None) else "answer_suffix"
+    return "plain" if chat_template == "none" else "chat:given"
+
+
+def _prompt_ids(tokenizer: Any, prompt: str, system: str | None, fmt: str,
+                template: str | None) -> list[int]:
+    if fmt.startswith("chat:"):
         messages = [{"role": "system", "content": system}] if system else []
         messages.append({"role": "user", "content": prompt})
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        kwargs = {"chat_template": template} if fmt == "chat:given" else {}
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                            **kwargs)
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
     return list(tokenizer(prompt + "\nAnswer:", add_special_tokens=True)["input_ids"])
+
+
+def _plain_ids(tokenizer: Any, prompt: str, response: str) -> tuple[list[int], list[int]]:
+    """``prompt + response`` tokenised as one text, split where it leaves ``prompt``'s tokens.
+
+    The split is the longest common prefix with the prompt's own tokens: a token that
+    spans the boundary (a merge of the prompt's last and the response's first
+    characters) belongs to the response.
+    """
+    ids = list(tokenizer(prompt + response, add_special_tokens=True)["input_ids"])
+    alone = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    k = 0
+    while k < min(len(ids), len(alone)) and ids[k] == alone[k]:
+        k += 1
+    return ids[:k], ids[k:]
 
 
 def encode_prompt_response(
@@ -104,12 +143,24 @@ def encode_prompt_response(
     *,
     max_length: int = 128,
     system: str | None = None,
+    chat_template: str | None = "auto",
 ) -> dict[str, Any]:
     """Tokenise prompt/response pairs for causal-LM training with loss on the response only.
 
-    The prompt goes through the tokenizer's chat template when it has one (as the
-    user turn, after an optional ``system`` turn); without a template it is followed
-    by ``"\\nAnswer:"``. The response is followed by EOS. Sequences are left-padded,
+    ``chat_template`` chooses the layout (:func:`prompt_format` names it):
+
+    - ``"auto"`` (default): the prompt goes through the tokenizer's chat template when
+      it has one (as the user turn, after an optional ``system`` turn, with the
+      generation prompt); without a template it is followed by ``"\nAnswer:"``. The
+      response is tokenised on its own.
+    - ``"none"``: plain text. ``prompt + response`` is tokenised as one string (so the
+      token ids are exactly ``tokenizer(prompt + response)``'s, then EOS); the loss is
+      on the tokens past the prompt's own tokens. Put separators (a newline, a space
+      before the answer) into the prompt or response text, e.g. with a ``template``.
+    - any other string: the text of a Jinja chat template used instead of the
+      tokenizer's (``apply_chat_template(..., chat_template=...)``).
+
+    The response is followed by EOS. Sequences are left-padded,
     so every response ends at the last position, and prompts are truncated from the
     left so the response always fits. Only the last ``K = longest response + 1`` positions produce
     logits (``logits_to_keep``), which skips the vocabulary projection everywhere
@@ -124,6 +175,7 @@ def encode_prompt_response(
         responses: Target texts, one per prompt.
         max_length: Maximum tokens per sequence.
         system: System message for chat templates (``None``: the template's default).
+        chat_template: ``"auto"``, ``"none"`` or a Jinja chat template's text.
 
     Returns:
         ``input_ids``, ``attention_mask``, ``position_ids`` (``(B, T)`` int64),
@@ -133,11 +185,18 @@ def encode_prompt_response(
         >>> batch = encode_prompt_response(tok, ["Hi"], ["there"])  # doctest: +SKIP
     """
     eos = tokenizer.eos_token_id
+    fmt = prompt_format(tokenizer, chat_template)
+    template = chat_template if fmt == "chat:given" else None
     rows = []
     for prompt, response in zip(prompts, responses, strict=True):
-        answer = list(tokenizer(response, add_special_tokens=False)["input_ids"])
+        if fmt == "plain":
+            p, answer = _plain_ids(tokenizer, prompt, response)
+        else:
+            p = _prompt_ids(tokenizer, prompt, system, fmt, template)
+            answer = list(tokenizer(response, add_special_tokens=False)["input_ids"])
         answer += [eos] if eos is not None else []
-        rows.append((_prompt_ids(tokenizer, prompt, system)[-(max_length - len(answer)) :], answer))
+        room = max(0, max_length - len(answer))  # the prompt keeps its last ``room`` tokens
+        rows.append((p[len(p) - room :] if room < len(p) else p, answer))
     width = max(len(p) + len(a) for p, a in rows)
     keep = max(len(a) for _, a in rows) + 1
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
@@ -166,6 +225,7 @@ def batches(
     batch_size: int,
     max_length: int = 128,
     generator: torch.Generator | None = None,
+    chat_template: str | None = "auto",
 ) -> Iterator[dict[str, Tensor]]:
     """Encoded sentiment batches over ``dataset`` (``text``/``label`` rows), one pass.
 
@@ -185,74 +245,8 @@ def batches(
             [SENTIMENT_WORDS[y] for y in rows["label"]],
             max_length=max_length,
             system=SENTIMENT_SYSTEM,
+            chat_template=chat_template,
         )
-
-
-@torch.no_grad()
-def sentiment_accuracy(
-    model: Any,
-    tokenizer: Any,
-    dataset: Any,
-    *,
-    batch_size: int = 32,
-    max_length: int = 128,
-    progress: bool = False,
-) -> float:
-    """Accuracy of ``model`` on ``dataset``: the label word with the larger next-token logit wins.
-
-    At the position before each response, the logits of the first tokens of
-    ``"negative"`` and ``"positive"`` are compared (a two-way classifier read off
-    the language model, zero-shot or after training). The prompt tokens that every
-    review of a batch shares (chat template and instruction, about half of each
-    sequence) are run once and reused as a key/value cache when the model takes one
-    (``cache`` from transformers 5.25, ``past_key_values`` before); the logits equal a
-    plain forward pass up to rounding.
-
-    Args:
-        model: A causal LM returning ``.logits`` (``(B, T, vocab)``).
-        tokenizer: Its tokenizer.
-        dataset: Rows with ``text`` and ``label``.
-        batch_size: Reviews per forward pass.
-        max_length: Maximum tokens per sequence.
-        progress: Show a progress bar.
-
-    Returns:
-        The fraction of reviews classified correctly, in ``[0, 1]``.
-
-    Example:
-        >>> sentiment_accuracy(model, tok, splits["test"])  # doctest: +SKIP
-        0.83
-    """
-    from tqdm.auto import tqdm
-
-    word_ids = [tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in SENTIMENT_WORDS]
-    # Longest reviews first, so that each batch pads little and the peak comes first; the
-    # accuracy does not depend on the order.
-    lengths = [len(t) for t in dataset["text"]]
-    order = sorted(range(len(dataset)), key=lambda i: -lengths[i])
-    cache_kw = _cache_keyword(model)
-    prefix = _SharedPrefix(model, cache_kw) if cache_kw else None
-    device = next(model.parameters()).device
-    correct = 0
-    total = (len(dataset) + batch_size - 1) // batch_size
-    for batch in tqdm(
-        batches(tokenizer, dataset.select(order), batch_size=batch_size, max_length=max_length),
-        total=total,
-        desc="eval",
-        disable=not progress,
-        leave=False,
-    ):
-        targets = batch.pop("shift_labels")
-        del batch["labels"]  # no loss needed
-        batch = batch_to(batch, device)
-        first = (targets != -100).int().argmax(dim=1)  # the kept position predicting the answer
-        rows = torch.arange(len(first))
-        if prefix is not None:
-            batch = prefix.inputs(batch)
-        scores = model(**batch).logits[rows, first][:, word_ids].cpu()
-        truth = (targets[rows, first] == word_ids[1]).long()
-        correct += int((scores.argmax(dim=1) == truth).sum())
-    return correct / len(dataset)
 
 
 def batch_to(batch: Mapping[str, Any], device: torch.device | str) -> dict[str, Any]:
@@ -270,61 +264,6 @@ def batch_to(batch: Mapping[str, Any], device: torch.device | str) -> dict[str, 
         3
     """
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def _cache_keyword(model: Any) -> str | None:
-    """The keyword ``model.forward`` takes a key/value cache by, or None if it takes none.
-
-    transformers 5.25 renamed ``past_key_values`` to ``cache`` (the old name still works
-    but warns); older releases only know ``past_key_values``.
-    """
-    params = inspect.signature(model.forward).parameters
-    for name in ("cache", "past_key_values"):
-        if name in params:
-            return name
-    return None
-
-
-class _SharedPrefix:
-    """The key/value cache of the tokens that open every row of a left-padded batch.
-
-    ``inputs(batch)`` returns the batch's keyword arguments with that prefix cut off
-    and replaced by the cache keyword (``cache_kw``): a copy of the prefix cache,
-    computed once per distinct prefix, repeated over the rows. The suffixes stay
-    left-padded (the attention mask holds the gap) and keep their original position ids.
-    """
-
-    def __init__(self, model: Any, cache_kw: str) -> None:
-        self.model = model
-        self.cache_kw = cache_kw
-        self.key: tuple[int, ...] = ()
-        self.cache: Any = None
-
-    def inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
-        ids, mask, keep = batch["input_ids"], batch["attention_mask"], batch.get("logits_to_keep")
-        if not isinstance(keep, int) or keep < 1:
-            return batch
-        rows, width = ids.shape
-        starts = width - mask.sum(dim=1)  # left padding per row
-        n = int(width - starts.max()) - keep  # the kept positions stay in every row's suffix
-        if n < 1:
-            return batch
-        toks = ids.gather(1, starts[:, None] + torch.arange(n, device=ids.device)[None])
-        p = int((toks == toks[:1]).all(dim=0).int().cumprod(dim=0).sum())
-        if p < 1:
-            return batch
-        key = tuple(toks[0, :p].tolist())
-        if key != self.key:
-            out = self.model(input_ids=toks[:1, :p], use_cache=True)
-            # The output names the cache as the forward's keyword does.
-            self.key, self.cache = key, out[self.cache_kw]
-        cache = copy.deepcopy(self.cache)
-        cache.batch_repeat_interleave(rows)
-        suffix_mask = (torch.arange(width - p, device=ids.device)[None] >= starts[:, None]).long()
-        positions = p + (suffix_mask.cumsum(dim=1) - 1).clamp(min=0)
-        return {**batch, "input_ids": ids[:, p:], "position_ids": positions,
-                "attention_mask": torch.cat([mask.new_ones(rows, p), suffix_mask], dim=1),
-                self.cache_kw: cache, "use_cache": True}
 
 
 _BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json",

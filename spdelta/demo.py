@@ -105,7 +105,8 @@ def run_demo(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from spdelta.data import load_rotten_tomatoes, sentiment_accuracy
+    from spdelta.data import load_rotten_tomatoes
+    from spdelta.evaluate import sentiment_accuracy
     from spdelta.format import load_delta, save_delta
     from spdelta.hf import apply_to_checkpoint, apply_to_model, fingerprint
     from spdelta.hf.assets import SMOLLM2_HUB_ID, smollm2_checkpoint

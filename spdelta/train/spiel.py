@@ -7,6 +7,7 @@ References:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 
 from spdelta.delta import SparseDelta, topk_indices
 from spdelta.errors import ParameterError, SpdeltaError
+from spdelta.format.constants import KEY_TRAINING as TRAINING_KEY
 from spdelta.functional import LossFn, make_loss_fn
 from spdelta.kernels import eager_grad_and_value
 from spdelta.optim import (
@@ -502,5 +504,12 @@ def spiel(
             if checkpoint is not None and (state.step == steps or (
                     checkpoint_every and state.step % checkpoint_every == 0)):
                 save_state(state, checkpoint)
-    meta = {"spdelta.producer": "spiel", "spdelta.spiel.regrowth": regrowth}
+    # The settings go in the training record, like speft's: a key such as
+    # "spdelta.spiel.regrowth" is reserved by the format (spec V4) and the file would not save.
+    record = {"method": "spiel", "regrowth": regrowth, "optimizer": optimizer,
+              "density": density, "steps": steps, "lr": lr, "lr_schedule": lr_schedule,
+              "warmup": warmup, "max_grad_norm": max_grad_norm, "update_every": update_every,
+              "accumulate_steps": accumulate_steps, "initial_fraction": initial_fraction,
+              "schedule": schedule}
+    meta = {TRAINING_KEY: json.dumps(record, sort_keys=True)}
     return SparseDelta.from_support(state.support, state.values, shapes, metadata=meta), log

@@ -1,16 +1,15 @@
-"""Quality benchmark: sparse fine-tuning vs full fine-tuning and LoRA on SmolLM2 + Rotten Tomatoes.
+"""Quality benchmark: sparse fine-tuning vs LoRA and full fine-tuning on SmolLM2, two tasks.
 
 Model: SmolLM2-135M-Instruct (``spdelta.hf.assets.smollm2_checkpoint``, fp32 by
-default). Data: ``spdelta.data.load_rotten_tomatoes(seed=--seed)``, a fixed seeded
-split. The first ``--val-examples`` validation reviews choose the learning rate; the
-first ``--test-examples`` test reviews (>= 1000 by default) are used once per method,
-for the winner only, and never for any choice. Accuracy is
-``spdelta.data.sentiment_accuracy`` (the larger of the "negative"/"positive"
-next-token logits), the same reading as the demo.
+default). Tasks (``--tasks``, ``_quality_tasks.py``): ``sentiment`` (Rotten Tomatoes
+reviews, fresh vs rotten) and ``debates`` (who said a 2016 US presidential debate
+statement: Democrat, Republican or moderator), fixed seeded splits. Accuracy is
+``spdelta.evaluate.choice_accuracy``: the choice whose first token has the largest
+next-token logit after the chat prompt (for ``sentiment`` the reading of the demo).
 
 Methods (``--methods``):
   zero_shot        no training
-  full             every parameter, torch.optim.AdamW (weight decay 0)
+  full             every parameter, torch.optim.AdamW (weight decay 0), constant LR
   lora             peft LoRA on the same targets as the sparse methods (spdelta's
                    ``"all-linear"``: every linear layer but ``lm_head``), alpha = 2r,
                    dropout 0, torch.optim.AdamW (weight decay 0); r = the rank whose
@@ -18,455 +17,248 @@ Methods (``--methods``):
                    (``--lora-rank`` overrides). That count is THE budget: the sparse
                    methods train exactly as many entries (SpIEL: per-tensor rounding)
   speft_gradient   spdelta.train.speft, gradient salience (``--calibration-examples``
-                   training reviews), static global top-k, sparse AdamW
-  speft_magnitude  the same with magnitude salience
+                   training rows), static global top-k, sparse AdamW
+  speft_magnitude  the same with magnitude salience (not in the default set)
   spiel_ag         spdelta.train.spiel, random start at the budget's density per tensor,
                    accumulated-gradient regrowth every ``--spiel-update-every`` steps
                    (window ``--spiel-accumulate-steps``), linear prune schedule, AdamW
 
-Every trained method runs ``--steps`` steps on the same batches in the same order
-(a fresh ``torch.Generator().manual_seed(seed)`` shuffle of the train split per run)
-once per learning rate of its grid (``--lrs-*``), each run from the pretrained
-weights. The run with the best validation accuracy wins (ties: the first LR listed);
-its model, kept in memory, is evaluated once on the test set (no retraining).
+The sweep: every trained method runs ``--steps`` steps on the same batches in the same
+order (a fresh ``torch.Generator().manual_seed(seed)`` shuffle of the train split per
+run, epochs reshuffled), from the pretrained weights, once per learning rate of its
+grid (``--lrs-*``) and, for LoRA and the sparse methods, per schedule of
+``--schedules`` (``kind[@warmup]``: ``constant`` is the old fixed LR; ``cosine@0.1``
+is a linear warmup over 10 % of the steps then cosine decay to 0; the formulas of
+``spdelta.optim.warmup_schedule``, which are the Hugging Face Trainer's; LoRA and
+full fine-tuning follow them through ``LambdaLR``). Each run's accuracy on the first
+``--val-examples`` validation rows is recorded with its standard error
+``sqrt(p (1 - p) / n)``, and its trained weights (the delta, or LoRA's adapters) are
+saved under ``<out>/runs``.
 
-The two-point grids come from earlier runs, on validation only: the sparse methods
-first shared [1e-3, 3e-3]. 3e-3 diverged for gradient SPEFT (val 0.540 and 0.467)
-and SpIEL (0.710, 0.507), and gradient SPEFT at 40 steps reached val 0.693 at 1e-3
-but 0.807 at 3e-4; magnitude SPEFT was best at 3e-3 (0.800 vs 0.747). A likely
-reason, not tested: entries chosen for their large gradients move the loss most per
-step, entries chosen for their large weights the least.
+Choice and test: for LoRA and each sparse method, the (LR, schedule) with the best
+MEAN validation accuracy over the tasks (ties: first in grid order) is its default.
+Only then does the test phase run: that configuration's saved weights, once per task,
+on the task's test split (``--test-examples``, at most the split: 1,000 reviews, 400
+debate statements). No test number is computed for any other configuration. Full
+fine-tuning is a reference chosen per task on validation (its model kept in memory and
+tested in the same child); zero-shot is tested once per task.
 
 Seeds: every run starts from ``torch.manual_seed(--seed)`` as well as its own
-generators, so LoRA's random A matrices are the same in every run. (Before
-2026-11-23 they were not seeded; torch seeds each new process at random, so LoRA's
-test accuracy was a fresh draw per run: 0.811 and 0.835 in two runs of that day.)
+generators, so LoRA's random A matrices are the same in every run. Gradient SPEFT
+scores once per (task) child and reuses the scores (the base and calibration rows are
+the same for every run); ``setup_s`` of its first run includes the scoring.
 
-Processes: each method runs in a fresh child process (multiprocessing ``spawn``),
-``--jobs`` (2) at a time, longest first, with ``--threads`` = cores / jobs torch
-threads each; every method runs under the same conditions, so step times are
-comparable across methods, not across ``--jobs`` settings.
+Processes: each (task, method) sweep runs in a fresh child process (multiprocessing
+``spawn``), ``--jobs`` (2) at a time, longest first, with ``--threads`` = cores / jobs
+torch threads each; then the test children. Step times are comparable across methods
+of one run (same conditions), not across ``--jobs`` settings.
 
 Memory is the resident set (RSS), not a tensor count, measured apart from the timed
-runs. Exact RSS peaks need freed buffers to leave the process (glibc's
-``M_MMAP_THRESHOLD`` at 128 KiB, as in ``train_step.py``), and that makes every large
-buffer a fresh mapping: training steps measured 1.5-1.7x slower with it (9-12 s vs
-5.8-8.3 s per step, 6-step runs, two 1-thread children). Without it glibc keeps freed
-memory, and the peaks measured 1.4-2.2x too high in the first run of a process and
-too low in the next; setting the threshold with ``mallopt`` after such runs, in the
-same process, still measured 1.7x too high. So the LR runs are timed under glibc's
-defaults, and each method's memory is measured by a probe in a child of its own that
-sets the small threshold (``mallopt``) before anything else: a fresh model, the
-method's first LR (shapes, not values, set the memory), ``--probe-steps`` steps (SpIEL
-with ``update_every = accumulate_steps``, so that its dense AG window and a regrowth
-fall inside them). Before them the child reads ``VmRSS`` (``rss_before``) and resets
-the kernel's high-water mark (``/proc/self/clear_refs``); after them, it reads
-``VmHWM``. ``peak_train_mb`` = ``VmHWM - rss_before``: what
-training adds on top of the resident model (activations, gradients, optimizer state,
-SPEFT's salience scoring, SpIEL's dense AG buffers). ``peak_total_mb`` = ``model_mb +
-peak_train_mb`` with ``model_mb`` = the RSS the first model and data added over the
-RSS after imports. Where ``clear_refs`` cannot be written, ``ru_maxrss`` is used and
+runs (``--probe-steps 0`` skips it). Exact RSS peaks need freed buffers to leave the
+process (glibc's ``M_MMAP_THRESHOLD`` at 128 KiB, as in ``train_step.py``), and that
+makes every large buffer a fresh mapping: training steps measured 1.5-1.7x slower with
+it. Without it glibc keeps freed memory, and the peaks measured 1.4-2.2x too high in
+the first run of a process and too low in the next. So the runs are timed under glibc's
+defaults, and each method's memory is measured on the first task by a probe in a child
+of its own that sets the small threshold (``mallopt``) before anything else: a fresh
+model, the method's first LR and schedule, ``--probe-steps`` steps (SpIEL with
+``update_every = accumulate_steps``, so that its dense AG window and a regrowth fall
+inside them). ``peak_train_mb`` = ``VmHWM`` after the steps (the high-water mark reset
+through ``/proc/self/clear_refs`` before them) minus ``VmRSS`` before them: what
+training adds on top of the resident model. ``peak_total_mb`` = ``model_mb +
+peak_train_mb`` with ``model_mb`` = the RSS the first model and data added over the RSS
+after imports. Where ``clear_refs`` cannot be written, ``ru_maxrss`` is used and
 ``mem_method`` says so.
 
 Time: ``step_s_median`` is the median wall time of a training step (batch fetch and
-encoding included, measured between successive batch requests; SPEFT's one-off
-scoring and selection are excluded, and reported in ``setup_s``); ``step_s_mean`` is
-the mean (for SpIEL it includes the AG window and the regrowth steps).
+encoding included, measured between successive batch requests; SPEFT's scoring and
+selection are excluded, and reported in ``setup_s``).
 
 bf16 (``--bf16``) is off by default: on this project's AMD EPYC CPUs without
-avx512_bf16, bf16 training measured about 25x slower than fp32 (contrary to the 3x
-speed-up ASSETS.md reports for CPUs that have it).
+avx512_bf16, bf16 training measured about 25x slower than fp32.
 
-The estimate printed at the start (``estimate_seconds``) adds up ``STEP_S``,
-``EVAL_S`` and the other constants below per method, scaled linearly with batch size
-and with ``min(max_length, 96)`` (reviews rarely need more than 96 tokens), and
-schedules the methods ``--jobs`` at a time, then the memory probes. ``STEP_S`` is the
-median step of the full 60-step run of 2026-11-23 (two 1-thread children, glibc's
-defaults; it took 40.9 min where constants from 6-step runs had estimated 56); the
-rest come from the 40-step run of that day, which had the small mmap threshold
-throughout (an evaluated review 0.20-0.27 s, gradient scoring of 64 reviews 80 s),
-so the estimate still errs long.
+The estimate printed at the start (``estimate_seconds``) adds up ``STEP_S``, ``EVAL_S``
+and the other constants below per child, scaled linearly with batch size, with
+``min(max_length, 96)`` and with the task's ``LENGTH`` (mean padded batch width
+relative to the reviews': debate statements fill the 96 tokens), and schedules the
+children ``--jobs`` at a time. ``STEP_S`` is the median step of the 60-step run of
+2026-11-23 (two 1-thread children, glibc's defaults).
 
 Example:
-    SPDELTA_CACHE=/tmp/spcache python tools/bench/quality.py --out bench-quality
+    nice -n 10 python tools/bench/quality.py --out /tmp/q17 > /tmp/q17.log 2>&1 &
     OMP_NUM_THREADS=1 python tools/bench/quality.py --steps 2 --val-examples 16 \\
-        --test-examples 16 --out /tmp/q   # smoke run
+        --test-examples 16 --probe-steps 0 --out /tmp/q   # smoke run
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import os
-import resource
-import statistics
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
-from itertools import islice
+from dataclasses import asdict
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-from train_step import _reset_peak_rss, _status_kb
+from _quality_runs import (
+    METHODS,
+    SWEPT,
+    Config,
+    _timed,
+    lora_rank_for,
+    parse_schedule,
+    probe_memory,
+    sweep_child,
+    test_child,
+    train,
+)
+from _quality_tasks import TASKS
 
-METHODS = ("zero_shot", "full", "lora", "speft_gradient", "speft_magnitude", "spiel_ag")
-SPARSE = ("speft_gradient", "speft_magnitude", "spiel_ag")
-#: Seconds per training step, fp32, batch 8, max_length 96, 1 thread per child, two children
-#: at once on 2 cores, glibc's default malloc (see the docstring); PROBE_SLOWDOWN for the
-#: memory probes' small mmap threshold.
+__all__ = ["Config", "METHODS", "_timed", "estimate_seconds", "format_table", "lora_rank_for",
+           "main", "parse", "run", "train"]
+
+#: Seconds per training step, fp32, batch 8, max_length 96, reviews, 1 thread per child, two
+#: children at once on 2 cores, glibc's default malloc; PROBE_SLOWDOWN for the memory probes.
 STEP_S = {"full": 5.8, "lora": 4.6, "speft_gradient": 5.9, "speft_magnitude": 4.8,
           "spiel_ag": 4.6}
 PROBE_SLOWDOWN = 1.6
-#: Seconds per evaluated review (batches of 32), per gradient-calibration example, per
-#: SPEFT top-k selection, per child process (spawn, imports, data, model) and per LR run.
+#: Mean padded batch width of each task's training batches relative to the reviews' (72 tokens;
+#: debate statements 95.5 at max_length 96).
+LENGTH = {"sentiment": 1.0, "debates": 1.33}
+#: Seconds per evaluated row (batches of 32), per gradient-calibration example, per SPEFT top-k
+#: selection, per child process (spawn, imports, data, model) and per run.
 EVAL_S, CALIB_S, SELECT_S, CHILD_S, RUN_S = 0.23, 1.1, 10.0, 15.0, 2.0
-Batch = dict[str, Any]
+TEST_N = {"sentiment": 1000, "debates": 400}
 
 
-@dataclass(frozen=True)
-class Config:
-    """Benchmark settings (see ``--help``); the defaults fit about 60 minutes on 2 cores."""
-
-    methods: tuple[str, ...] = METHODS
-    steps: int = 60
-    batch_size: int = 8
-    max_length: int = 96
-    val_examples: int = 150
-    test_examples: int = 1000
-    eval_batch_size: int = 32
-    density: float = 0.01
-    lora_rank: int | None = None
-    lrs: dict[str, list[float]] = field(default_factory=dict)
-    calibration_examples: int = 64
-    spiel_update_every: int = 20
-    spiel_accumulate_steps: int = 5
-    seed: int = 0
-    threads: int | None = None
-    jobs: int = 2
-    bf16: bool = False
-    cache_dir: str | None = None
-    probe_steps: int = 6
+def _scale(cfg: Config, task: str) -> float:
+    return cfg.batch_size / 8 * min(cfg.max_length, 96) / 96 * LENGTH[task]
 
 
-def method_seconds(cfg: Config, method: str) -> float:
-    """Expected wall time of one method's child (see the docstring)."""
-    scale = cfg.batch_size / 8 * min(cfg.max_length, 96) / 96
-    eval_s = EVAL_S * min(cfg.max_length, 96) / 96
-    total = CHILD_S + cfg.test_examples * eval_s
+def _test_n(cfg: Config, task: str) -> int:
+    return min(cfg.test_examples, TEST_N[task])
+
+
+def sweep_seconds(cfg: Config, task: str, method: str) -> float:
+    """Expected wall time of one (task, method) sweep child."""
+    eval_s = EVAL_S * min(cfg.max_length, 96) / 96 * LENGTH[task]
+    total = CHILD_S + cfg.val_examples * eval_s
     if method == "zero_shot":
-        return total + cfg.val_examples * eval_s
+        return total + _test_n(cfg, task) * eval_s
+    runs = len(cfg.lrs[method]) * (1 if method == "full" else len(cfg.schedules))
     setup = SELECT_S if method.startswith("speft") else 0.0
-    setup += CALIB_S * cfg.calibration_examples if method == "speft_gradient" else 0.0
-    per_run = cfg.steps * STEP_S[method] * scale + cfg.val_examples * eval_s + setup + RUN_S
-    return total + len(cfg.lrs[method]) * per_run
+    once = CALIB_S * cfg.calibration_examples if method == "speft_gradient" else 0.0
+    per_run = cfg.steps * STEP_S[method] * _scale(cfg, task) + cfg.val_examples * eval_s
+    total += once + runs * (per_run + setup + RUN_S)
+    return total + (_test_n(cfg, task) * eval_s if method == "full" else 0.0)
+
+
+def test_seconds(cfg: Config, task: str) -> float:
+    return CHILD_S + _test_n(cfg, task) * EVAL_S * min(cfg.max_length, 96) / 96 * LENGTH[task]
 
 
 def probe_seconds(cfg: Config, method: str) -> float:
-    """Expected wall time of one method's memory probe child."""
-    scale = cfg.batch_size / 8 * min(cfg.max_length, 96) / 96
     setup = SELECT_S if method.startswith("speft") else 0.0
     setup += CALIB_S * cfg.calibration_examples if method == "speft_gradient" else 0.0
-    return CHILD_S + setup + cfg.probe_steps * STEP_S[method] * scale * PROBE_SLOWDOWN
+    return CHILD_S + setup + cfg.probe_steps * STEP_S[method] * _scale(
+        cfg, cfg.tasks[0]) * PROBE_SLOWDOWN
 
 
-def estimate_seconds(cfg: Config) -> float:
-    """Expected wall time of the run on an idle 2-core machine (see the docstring).
-
-    The children run ``cfg.jobs`` at a time in the order :func:`run` submits them:
-    the methods longest first (as long as :func:`method_seconds` says), then the
-    memory probes (:func:`probe_seconds`).
-    """
-    order = sorted(cfg.methods, key=lambda m: -method_seconds(cfg, m))
-    times = [method_seconds(cfg, m) for m in order]
-    times += [probe_seconds(cfg, m) for m in order if m != "zero_shot"]
-    workers = [0.0] * max(1, cfg.jobs)
+def _schedule(times: list[float], jobs: int) -> float:
+    workers = [0.0] * max(1, jobs)
     for t in times:
         i = workers.index(min(workers))
         workers[i] += t
     return max(workers)
 
 
-# ---------------------------------------------------------------- child process
-
-
-def _timed(batches: Iterator[Batch], stamps: list[float]) -> Iterator[Batch]:
-    """Yield from ``batches``, recording the time of each request (step boundaries)."""
-    for batch in batches:
-        stamps.append(time.perf_counter())
-        yield batch
-
-
-def _train_batches(tok: Any, train: Any, cfg: Config) -> Iterator[Batch]:
-    """Endless seeded epochs of encoded training batches: the same sequence every call."""
-    from spdelta.data import batches
-
-    gen = torch.Generator().manual_seed(cfg.seed)
-    while True:
-        yield from batches(tok, train, batch_size=cfg.batch_size, max_length=cfg.max_length,
-                           generator=gen)
-
-
-def target_names(model: nn.Module) -> list[str]:
-    """The sparse methods' targets (spdelta ``"all-linear"``), also LoRA's."""
-    from spdelta.targets import resolve_targets
-
-    return resolve_targets(model, "all-linear")
-
-
-def lora_rank_for(model: nn.Module, density: float, rank: int | None = None) -> dict[str, Any]:
-    """The shared trainable budget: the LoRA rank closest to ``density``, and its count.
-
-    The count is linear in the rank, so the closest rank is ``round(nnz / count(r=1))``
-    (``rank`` overrides it). Every trained method but full fine-tuning then gets that
-    count: LoRA as rank ``r``, SPEFT as ``lora_rank=r`` (exactly ``sum r*(m+n)``
-    entries, global top-k), SpIEL as the same fraction of each target.
-    """
-    from spdelta.select import budget
-
-    params = dict(model.named_parameters())
-    shapes = {n: tuple(params[n].shape) for n in target_names(model)}
-    per_rank = budget(shapes, lora_rank=1)[""]
-    r = rank or max(1, round(budget(shapes, density=density)[""] / per_rank))
-    total = sum(math.prod(s) for s in shapes.values())
-    return {"lora_rank": r, "budget": r * per_rank, "target_entries": total,
-            "budget_density": r * per_rank / total}
-
-
-def _train_module(model: nn.Module, params: list[nn.Parameter], batches: Iterator[Batch],
-                  cfg: Config, lr: float, desc: str) -> list[float]:
-    """``cfg.steps`` steps of forward, backward and torch.optim.AdamW over ``params``."""
-    from tqdm.auto import tqdm
-
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    losses = []
-    with tqdm(total=cfg.steps, desc=desc, unit="step") as bar:
-        for batch in islice(batches, cfg.steps):
-            loss = model(**batch).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4g}")
-    return losses
-
-
-def train(method: str, model: nn.Module, data: dict[str, Any], cfg: Config, lr: float,
-          batches: Iterator[Batch]) -> tuple[nn.Module, list[float], int]:
-    """Train ``model`` with ``method`` at ``lr``; return the trained model, losses, trainable."""
-    from spdelta.hf import apply_to_model
-    from spdelta.train import speft, spiel
-
-    if method == "full":
-        params = list(model.parameters())
-        return model, _train_module(model, params, batches, cfg, lr, f"full lr={lr:g}"), sum(
-            p.numel() for p in params)
-    if method == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        r = lora_rank_for(model, cfg.density, cfg.lora_rank)["lora_rank"]
-        mods = [n.removesuffix(".weight") for n in target_names(model)]
-        peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
-                                                      target_modules=mods))
-        params = [p for p in peft_model.parameters() if p.requires_grad]
-        losses = _train_module(peft_model, params, batches, cfg, lr, f"lora r={r} lr={lr:g}")
-        return peft_model, losses, sum(p.numel() for p in params)
-    base = {n: p.detach() for n, p in model.named_parameters()}
-    gen = torch.Generator().manual_seed(cfg.seed)
-    shared = lora_rank_for(model, cfg.density, cfg.lora_rank)
-    if method == "spiel_ag":
-        delta, log = spiel(model, base, batches, density=shared["budget_density"],
-                           targets="all-linear",
-                           steps=cfg.steps, lr=lr, generator=gen, regrowth="ag",
-                           update_every=cfg.spiel_update_every,
-                           accumulate_steps=cfg.spiel_accumulate_steps)
-    else:  # magnitude scores need no data
-        calib = (_train_batches(data["tok"], data["train"], cfg) if method == "speft_gradient"
-                 else iter(()))
-        delta, log = speft(model, base, batches, metric=method.removeprefix("speft_"),
-                           lora_rank=shared["lora_rank"], targets="all-linear",
-                           steps=cfg.steps, lr=lr,
-                           calibration_examples=cfg.calibration_examples,
-                           calibration_batches=calib, generator=gen)
-    return apply_to_model(model, delta), [m["loss"] for m in log], delta.nnz
-
-
-def _load_data(cfg: Config) -> dict[str, Any]:
-    from transformers import AutoTokenizer
-
-    from spdelta.data import load_rotten_tomatoes
-    from spdelta.demo import bf16_checkpoint
-    from spdelta.hf.assets import smollm2_checkpoint
-
-    ckpt = smollm2_checkpoint(cfg.cache_dir)
-    ckpt = bf16_checkpoint(ckpt) if cfg.bf16 else ckpt
-    splits = load_rotten_tomatoes(seed=cfg.seed, test_size=max(1000, cfg.test_examples),
-                                  validation_size=max(500, cfg.val_examples))
-    return {"ckpt": ckpt, "tok": AutoTokenizer.from_pretrained(ckpt), "train": splits["train"],
-            "val": splits["validation"].select(range(cfg.val_examples)),
-            "test": splits["test"].select(range(cfg.test_examples))}
-
-
-def _load_model(data: dict[str, Any], cfg: Config) -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(data["ckpt"], dtype=dtype).eval()
-    with torch.no_grad():  # weights may be lazy views of the mmapped file: make them resident
-        for p in model.parameters():  # (tied weights are one Parameter, cloned once)
-            p.data = p.data.clone()
-    return model
-
-
-def _accuracy(model: nn.Module, data: dict[str, Any], split: str, cfg: Config) -> float:
-    from spdelta.data import sentiment_accuracy
-
-    return sentiment_accuracy(model, data["tok"], data[split], batch_size=cfg.eval_batch_size,
-                              max_length=cfg.max_length, progress=True)
-
-
-def _test(model: nn.Module, data: dict[str, Any], cfg: Config) -> dict[str, float]:
-    """The one test-set evaluation of a method, timed."""
-    t0 = time.perf_counter()
-    acc = _accuracy(model, data, "test", cfg)
-    return {"test_accuracy": acc, "test_eval_s": time.perf_counter() - t0}
-
-
-def _step_times(stamps: list[float], end: float, steps: int) -> list[float]:
-    marks = [*stamps[:steps], end]
-    return [b - a for a, b in zip(marks, marks[1:], strict=False)]
-
-
-def _one_run(method: str, data: dict[str, Any], cfg: Config, lr: float
-             ) -> tuple[nn.Module, dict[str, Any]]:
-    """Build a fresh model, train it at ``lr`` (timed), measure val accuracy."""
-    model = _load_model(data, cfg)
-    torch.manual_seed(cfg.seed)  # LoRA's A init draws from the global generator
-    stamps: list[float] = []
-    t0 = time.perf_counter()
-    model, losses, trainable = train(method, model, data, cfg, lr,
-                                     _timed(_train_batches(data["tok"], data["train"], cfg),
-                                            stamps))
-    end = time.perf_counter()
-    steps = _step_times(stamps, end, cfg.steps)
-    if method == "lora":  # evaluate the merged weights, as deployed (unmerged eval: 1.7x slower)
-        model = model.merge_and_unload()  # type: ignore[operator]
-    t_eval = time.perf_counter()
-    acc = _accuracy(model, data, "val", cfg)
-    last = losses[-10:]
-    return model, {
-        "lr": lr, "val_accuracy": acc, "train_s": end - t0,
-        "setup_s": (stamps[0] if stamps else end) - t0,
-        "step_s_median": statistics.median(steps) if steps else None,
-        "step_s_mean": sum(steps) / len(steps) if steps else None, "step_s_all": steps,
-        "val_eval_s": time.perf_counter() - t_eval, "trainable_params": trainable,
-        "loss_first": losses[0] if losses else None,
-        "loss_last10": sum(last) / len(last) if last else None}
-
-
-def probe_memory(method: str, cfg_dict: dict[str, Any]) -> dict[str, Any]:
-    """Child process: peak RSS of ``probe_steps`` training steps (see the docstring)."""
-    import ctypes
-
-    ctypes.CDLL("libc.so.6").mallopt(-3, 131072)  # M_MMAP_THRESHOLD, before anything else
-    cfg = Config(**{**cfg_dict, "methods": tuple(cfg_dict["methods"]),
-                    "steps": cfg_dict["probe_steps"],
-                    "spiel_update_every": cfg_dict["spiel_accumulate_steps"]})
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    data = _load_data(cfg)
-    model = _load_model(data, cfg)
-    torch.manual_seed(cfg.seed)
-    gc.collect()
-    rss_before = _status_kb("VmRSS")
-    exact = _reset_peak_rss()
-    train(method, model, data, cfg, cfg.lrs[method][0],
-          _train_batches(data["tok"], data["train"], cfg))
-    peak = _status_kb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"peak_train_mb": (peak - rss_before) / 1024, "probe_rss_before_mb": rss_before / 1024,
-            "mem_method": "VmHWM-after-clear_refs" if exact else "ru_maxrss"}
-
-
-def run_method(method: str, cfg_dict: dict[str, Any]) -> dict[str, Any]:
-    """Child process: every LR run of ``method``, then the winner on the test set."""
-    cfg = Config(**{**cfg_dict, "methods": tuple(cfg_dict["methods"])})
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    import peft  # noqa: F401  (imported before rss_base, like every library used)
-    import transformers.models.llama.modeling_llama  # noqa: F401
-
-    import spdelta.hf
-    import spdelta.train  # noqa: F401
-
-    t0 = time.perf_counter()
-    gc.collect()
-    rss_base = _status_kb("VmRSS")
-    data = _load_data(cfg)
-    model = _load_model(data, cfg)
-    gc.collect()
-    out: dict[str, Any] = {"method": method, "threads": torch.get_num_threads(),
-                           "model_mb": (_status_kb("VmRSS") - rss_base) / 1024,
-                           "rss_base_mb": rss_base / 1024, "train_examples": len(data["train"]),
-                           **lora_rank_for(model, cfg.density, cfg.lora_rank)}
-    if method == "zero_shot":
-        t_val = time.perf_counter()
-        out.update(val_accuracy=_accuracy(model, data, "val", cfg), trainable_params=0,
-                   val_eval_s=time.perf_counter() - t_val, **_test(model, data, cfg))
-        return {**out, "elapsed_s": time.perf_counter() - t0}
-    del model
-    best: tuple[float, nn.Module] | None = None
-    runs = []
-    for lr in cfg.lrs[method]:
-        model, run = _one_run(method, data, cfg, lr)
-        runs.append(run)
-        print(f"  {method} lr={lr:g}: val {run['val_accuracy']:.3f}", file=sys.stderr, flush=True)
-        if best is None or run["val_accuracy"] > best[0]:
-            best = (run["val_accuracy"], model)
-            out["chosen_lr"] = lr
-        del model
-        gc.collect()
-    chosen = next(r for r in runs if r["lr"] == out["chosen_lr"])
-    assert best is not None  # at least one LR (checked by the CLI)
-    out.update(runs=runs, val_accuracy=best[0], **_test(best[1], data, cfg),
-               trainable_params=chosen["trainable_params"],
-               step_s_median=chosen["step_s_median"], step_s_mean=chosen["step_s_mean"])
-    return {**out, "elapsed_s": time.perf_counter() - t0}
+def estimate_seconds(cfg: Config) -> float:
+    """Expected wall time on an idle 2-core machine: the sweep children, then the tests."""
+    sweeps = sorted((sweep_seconds(cfg, t, m) for t in cfg.tasks for m in cfg.methods),
+                    reverse=True)
+    probes = [probe_seconds(cfg, m) for m in cfg.methods if m != "zero_shot"
+              and cfg.probe_steps > 0]
+    tests = [test_seconds(cfg, t) for t in cfg.tasks for m in cfg.methods if m in SWEPT]
+    return _schedule(sweeps + probes, cfg.jobs) + _schedule(tests, cfg.jobs)
 
 
 # ---------------------------------------------------------------- parent process
 
 
-def _fmt(x: Any, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
+def stderr(p: float | None, n: int | None) -> float | None:
+    """The standard error ``sqrt(p (1 - p) / n)`` of an accuracy ``p`` over ``n`` rows."""
+    return None if p is None or not n else math.sqrt(p * (1 - p) / n)
 
 
-def format_table(results: dict[str, dict[str, Any]]) -> str:
-    """The markdown table of a finished (or partial) run."""
-    head = ("| method | trainable params | val acc per LR | chosen LR | val acc | test acc "
-            "| median step s | peak train MiB | peak total MiB |")
-    lines = [head, "|" + "---|" * 9]
-    for m, r in results.items():
-        if "error" in r:
-            lines.append(f"| {m} | error: {r['error']} |" + " |" * 7)
+def choose(results: dict[str, dict[str, dict[str, Any]]], cfg: Config) -> dict[str, Any]:
+    """Per swept method: the (LR, schedule) with the best mean validation accuracy over tasks."""
+    chosen: dict[str, Any] = {}
+    for m in cfg.methods:
+        if m not in SWEPT or any("runs" not in results[t].get(m, {}) for t in cfg.tasks):
             continue
-        sweep = ", ".join(f"{x['lr']:g}: {x['val_accuracy']:.3f}" for x in r.get("runs", []))
-        lines.append(
-            f"| {m} | {r['trainable_params']:,} | {sweep or '-'} | {_fmt(r.get('chosen_lr'), 'g')} "
-            f"| {r['val_accuracy']:.3f} | {r['test_accuracy']:.3f} "
-            f"| {_fmt(r.get('step_s_median'), '.2f')} | {_fmt(r.get('peak_train_mb'), '.0f')} "
-            f"| {_fmt(r.get('peak_total_mb'), '.0f')} |")
+        best: dict[str, Any] | None = None
+        for i, run in enumerate(results[cfg.tasks[0]][m]["runs"]):  # the same grid order
+            key = (run["lr"], run["schedule"])
+            vals = [next(r["val_accuracy"] for r in results[t][m]["runs"]
+                         if (r["lr"], r["schedule"]) == key) for t in cfg.tasks]
+            mean = sum(vals) / len(vals)
+            if best is None or mean > best["mean_val"]:
+                best = {"lr": key[0], "schedule": key[1], "mean_val": mean, "index": i}
+        chosen[m] = best
+    return chosen
+
+
+def _cell(acc: float | None, n: int | None) -> str:
+    se = stderr(acc, n)
+    return "-" if acc is None or se is None else f"{acc:.3f} ± {se:.3f}"
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The sweep (validation) and the results (test) as markdown tables."""
+    results, chosen = report["results"], report.get("chosen", {})
+    tasks = list(results)
+    lines = ["| method | schedule | LR | " + " | ".join(f"{t} val" for t in tasks)
+             + " | mean val |", "|" + "---|" * (4 + len(tasks))]
+    methods = [m for m in METHODS if any("runs" in results[t].get(m, {}) for t in tasks)]
+    for m in methods:
+        for i, run in enumerate(next(results[t][m]["runs"] for t in tasks
+                                     if "runs" in results[t].get(m, {}))):
+            vals = [results[t].get(m, {}).get("runs", [])[i:i + 1] for t in tasks]
+            accs = [v[0]["val_accuracy"] if v else None for v in vals]
+            cells = [_cell(a, v[0]["val_n"] if v else None) for a, v in zip(accs, vals,
+                                                                             strict=True)]
+            mean = (sum(accs) / len(accs)) if all(a is not None for a in accs) else None  # type: ignore[arg-type]
+            mark = " **(default)**" if chosen.get(m, {}).get("index") == i else ""
+            lines.append(f"| {m} | {run['schedule']} | {run['lr']:g} | " + " | ".join(cells)
+                         + f" | {'-' if mean is None else f'{mean:.3f}'}{mark} |")
+    lines += ["", "| method | trainable params | " + " | ".join(
+        f"{t} test | {t} step s" for t in tasks) + " | peak train MiB |",
+        "|" + "---|" * (3 + 2 * len(tasks))]
+    for m in [m for m in METHODS if any(m in results[t] for t in tasks)]:
+        rows = [results[t].get(m, {}) for t in tasks]
+        if any("error" in r for r in rows):
+            errs = "; ".join(r["error"] for r in rows if "error" in r)
+            lines.append(f"| {m} | error: {errs} |" + " |" * (1 + 2 * len(tasks)))
+            continue
+        trainable = next((r.get("trainable_params") for r in rows if "trainable_params" in r), None)
+        cells = []
+        for r in rows:
+            run = r.get("chosen_run") or {}
+            cells += [_cell(r.get("test_accuracy"), r.get("test_n")),
+                      "-" if run.get("step_s_median") is None else f"{run['step_s_median']:.2f}"]
+        peak = report.get("memory", {}).get(m, {}).get("peak_train_mb")
+        lines.append(f"| {m} | {'-' if trainable is None else f'{trainable:,}'} | "
+                     + " | ".join(cells) + f" | {'-' if peak is None else f'{peak:.0f}'} |")
     return "\n".join(lines)
 
 
 def _result(future: Any) -> dict[str, Any]:
-    """A child's result; its exception becomes ``error`` (the other methods go on)."""
+    """A child's result; its exception becomes ``error`` (the other children go on)."""
     try:
         return future.result()  # type: ignore[no-any-return]
     except Exception as err:
@@ -474,19 +266,114 @@ def _result(future: Any) -> dict[str, Any]:
 
 
 def _write(out_dir: Path, report: dict[str, Any]) -> str:
-    table = format_table(report["results"])
+    table = format_table(report)
     (out_dir / "quality.json").write_text(json.dumps(report, indent=2))
     (out_dir / "quality.md").write_text(table + "\n")
     return table
 
 
-def run(cfg: Config, out_dir: Path, say: Callable[[str], None] = print) -> dict[str, Any]:
-    """Every method in its own child process; writes quality.json / quality.md as it goes."""
+def _pool(cfg: Config) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=get_context("spawn"),
+                               max_tasks_per_child=1)  # a fresh process per child
+
+
+def _done(result: dict[str, Any]) -> bool:
+    """A sweep child's result that a resumed run keeps (finished, without error)."""
+    return bool(result) and "error" not in result and "elapsed_s" in result
+
+
+def _resumed(out_dir: Path, report: dict[str, Any], say: Callable[[str], None]) -> None:
+    """Take the finished sweep children of an earlier run with the same settings."""
+    path = out_dir / "quality.json"
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text())
+    same = {k: v for k, v in old["config"].items() if k != "estimate_s"} == {
+        k: v for k, v in json.loads(json.dumps(report["config"])).items() if k != "estimate_s"}
+    if not same:
+        raise SystemExit(f"--resume: {path} was made with other settings; use another --out.")
+    for t, per_task in old["results"].items():
+        for m, r in per_task.items():
+            if _done(r):
+                report["results"][t][m] = {k: v for k, v in r.items()
+                                           if k not in ("test_accuracy", "test_n", "test_eval_s",
+                                                        "chosen_run", "test_error")
+                                           or m not in SWEPT}
+                say(f"resumed: {t} {m}")
+    report["memory"] = old.get("memory", {})
+
+
+def _sweep(cfg: Config, out_dir: Path, report: dict[str, Any], say: Callable[[str], None],
+           t0: float) -> None:
+    results = report["results"]
+    order = sorted(((t, m) for t in cfg.tasks for m in cfg.methods),
+                   key=lambda tm: -sweep_seconds(cfg, *tm))  # longest first
+    order = [(t, m) for t, m in order if not _done(results[t].get(m, {}))]
+    with _pool(cfg) as pool:
+        futures = {pool.submit(sweep_child, t, m, asdict(cfg), str(out_dir / "runs")): (t, m)
+                   for t, m in order}
+        if cfg.probe_steps > 0:
+            futures.update({pool.submit(probe_memory, m, asdict(cfg)): ("probe", m)
+                            for m in cfg.methods if m != "zero_shot"})
+        for done, future in enumerate(as_completed(futures), 1):
+            t, m = futures[future]
+            r = _result(future)
+            if t == "probe":
+                report["memory"][m] = r
+                note = r.get("error") or f"peak train {r['peak_train_mb']:.0f} MiB"
+            else:
+                results[t][m] = r
+                note = r.get("error") or ", ".join(
+                    f"{x['lr']:g} {x['schedule']}: {x['val_accuracy']:.3f}"
+                    for x in r.get("runs", [])) or f"val {r['val_accuracy']:.3f}"
+            elapsed = time.perf_counter() - t0
+            say(f"[{done}/{len(futures)}] {t} {m}: {note} (elapsed {elapsed:.0f} s)")
+            report["elapsed_s"] = time.perf_counter() - t0
+            _write(out_dir, report)
+
+
+def _tests(cfg: Config, out_dir: Path, report: dict[str, Any], say: Callable[[str], None],
+           t0: float) -> None:
+    results, chosen = report["results"], report["chosen"]
+    jobs = {}
+    for m, c in chosen.items():
+        for t in cfg.tasks:
+            run = results[t][m]["runs"][c["index"]]
+            results[t][m]["chosen_run"] = run
+            results[t][m].update(chosen_lr=c["lr"], chosen_schedule=c["schedule"],
+                                 val_accuracy=run["val_accuracy"], val_n=run["val_n"],
+                                 trainable_params=run["trainable_params"])
+            jobs[(t, m)] = run["weights"]
+    for t in cfg.tasks:  # full fine-tuning's own choice, for the table's step time
+        full = results[t].get("full", {})
+        if "runs" in full:
+            full["chosen_run"] = next(r for r in full["runs"] if r["lr"] == full["chosen_lr"])
+    with _pool(cfg) as pool:
+        futures = {pool.submit(test_child, t, m, asdict(cfg), w): (t, m)
+                   for (t, m), w in sorted(jobs.items(), key=lambda kv: -TEST_N[kv[0][0]])}
+        for future in as_completed(futures):
+            t, m = futures[future]
+            r = _result(future)
+            results[t][m].update({"test_error": r["error"]} if "error" in r else r)
+            say(f"test {t} {m} (lr {chosen[m]['lr']:g}, {chosen[m]['schedule']}): "
+                f"{r.get('error') or format(r['test_accuracy'], '.3f')}")
+            report["elapsed_s"] = time.perf_counter() - t0
+            _write(out_dir, report)
+
+
+def run(cfg: Config, out_dir: Path, say: Callable[[str], None] = print, *,
+        resume: bool = False) -> dict[str, Any]:
+    """The sweep children, the cross-task choice, then the test children; writes as it goes.
+
+    With ``resume``, finished sweep children of an earlier run in ``out_dir`` with the
+    same settings are kept (their saved weights too) and only the rest run; the choice
+    and the test phase always run again.
+    """
     os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)  # the timed runs use glibc's defaults
     out_dir.mkdir(parents=True, exist_ok=True)
     est = estimate_seconds(cfg)
-    say(f"quality benchmark: {', '.join(cfg.methods)}; {cfg.steps} steps x batch "
-        f"{cfg.batch_size}; val {cfg.val_examples}, test {cfg.test_examples}; "
+    say(f"quality benchmark: tasks {', '.join(cfg.tasks)}; methods {', '.join(cfg.methods)}; "
+        f"schedules {', '.join(cfg.schedules)}; {cfg.steps} steps x batch {cfg.batch_size}; "
         f"estimated {est / 60:.0f} min on an idle 2-core CPU")
     import peft
     import transformers
@@ -494,35 +381,17 @@ def run(cfg: Config, out_dir: Path, say: Callable[[str], None] = print) -> dict[
     report: dict[str, Any] = {
         "config": {**asdict(cfg), "torch": torch.__version__,
                    "transformers": transformers.__version__, "peft": peft.__version__,
-                   "estimate_s": est}, "results": {}}
+                   "estimate_s": est},
+        "results": {t: {} for t in cfg.tasks}, "memory": {}, "chosen": {}}
+    if resume:
+        _resumed(out_dir, report, say)
     t0 = time.perf_counter()
-    order = sorted(cfg.methods, key=lambda m: -method_seconds(cfg, m))  # longest first
-    tasks = [(m, "train") for m in order] + [(m, "probe") for m in order if m != "zero_shot"]
-    results: dict[str, dict[str, Any]] = {m: {} for m in cfg.methods}
-    with ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=get_context("spawn"),
-                             max_tasks_per_child=1) as pool:  # a fresh process per task
-        futures = {pool.submit(run_method if kind == "train" else probe_memory, m, asdict(cfg)):
-                   (m, kind) for m, kind in tasks}
-        say(f"running {cfg.jobs} at a time, longest first: {', '.join(order)}, then the "
-            "memory probes")
-        for done, future in enumerate(as_completed(futures), 1):
-            m, kind = futures[future]
-            r = _result(future)
-            if kind == "probe":
-                results[m].update({"probe_error": r["error"]} if "error" in r else r)
-                note = r.get("error") or f"peak train {r['peak_train_mb']:.0f} MiB"
-            else:
-                results[m].update(r)
-                note = r.get("error") or (f"val {r['val_accuracy']:.3f}, "
-                                          f"test {r['test_accuracy']:.3f}")
-            if "model_mb" in results[m] and "peak_train_mb" in results[m]:
-                results[m]["peak_total_mb"] = results[m]["model_mb"] + results[m]["peak_train_mb"]
-            say(f"[{done}/{len(tasks)}] {m} {kind}: {note} "
-                f"(elapsed {time.perf_counter() - t0:.0f} s)")
-            report["results"] = {k: v for k, v in results.items() if "val_accuracy" in v
-                                 or "error" in v}
-            report["elapsed_s"] = time.perf_counter() - t0
-            _write(out_dir, report)
+    _sweep(cfg, out_dir, report, say, t0)
+    report["chosen"] = choose(report["results"], cfg)
+    say("defaults chosen on validation (mean over tasks): " + "; ".join(
+        f"{m} lr {c['lr']:g} {c['schedule']} ({c['mean_val']:.3f})"
+        for m, c in report["chosen"].items()))
+    _tests(cfg, out_dir, report, say, t0)
     say(_write(out_dir, report))
     say(f"done in {report['elapsed_s'] / 60:.1f} min (estimated {est / 60:.0f} min); "
         f"{out_dir / 'quality.json'}, {out_dir / 'quality.md'}")
@@ -545,23 +414,36 @@ def parse(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     p.add_argument("--density", type=float, default=d.density)
     p.add_argument("--lora-rank", type=int, default=None, help="default: matched to the budget")
     p.add_argument("--lrs-full", type=_floats, default=[3e-5, 1e-4])
-    p.add_argument("--lrs-lora", type=_floats, default=[5e-4, 2e-3])
-    p.add_argument("--lrs-speft-gradient", type=_floats, default=[3e-4, 1e-3])
+    p.add_argument("--lrs-lora", type=_floats, default=[3e-4, 1e-3, 3e-3])
+    p.add_argument("--lrs-speft-gradient", type=_floats, default=[1e-4, 3e-4, 1e-3])
     p.add_argument("--lrs-speft-magnitude", type=_floats, default=[1e-3, 3e-3])
-    p.add_argument("--lrs-spiel", type=_floats, default=[3e-4, 1e-3])
-    p.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
+    p.add_argument("--lrs-spiel", type=_floats, default=[3e-4, 1e-3, 3e-3])
+    p.add_argument("--schedules", default=",".join(d.schedules),
+                   help="kind[@warmup] per schedule: constant, linear, cosine; warmup steps "
+                        "or ratio (default: %(default)s)")
+    p.add_argument("--tasks", default=",".join(d.tasks), help=f"subset of {','.join(TASKS)}")
+    p.add_argument("--methods", default=",".join(d.methods), help=f"subset of {','.join(METHODS)}")
     p.add_argument("--jobs", type=int, default=d.jobs,
-                   help="methods run at once, each in its own process (default: %(default)s)")
+                   help="children at once, each in its own process (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per process (default: CPU cores / jobs)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 (25x slower on this CPU)")
     p.add_argument("--cache-dir", default=None, help="converted checkpoint cache")
     p.add_argument("--out", default="bench-quality", help="directory for quality.json/.md")
     p.add_argument("--dry-run", action="store_true", help="print the plan and estimate only")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the finished sweep children of an earlier run in --out")
     a = p.parse_args(argv)
-    methods = tuple(a.methods.split(","))
+    methods, tasks = tuple(a.methods.split(",")), tuple(a.tasks.split(","))
+    schedules = tuple(a.schedules.split(","))
     if unknown := sorted(set(methods) - set(METHODS)):
         p.error(f"unknown methods {unknown}; choose from {','.join(METHODS)}")
+    if unknown := sorted(set(tasks) - set(TASKS)):
+        p.error(f"unknown tasks {unknown}; choose from {','.join(TASKS)}")
+    from spdelta.optim import SCHEDULES
+
+    if bad := [s for s in schedules if parse_schedule(s)[0] not in SCHEDULES]:
+        p.error(f"unknown schedules {bad}; use kind[@warmup] with kind in {', '.join(SCHEDULES)}")
     lrs = {"full": a.lrs_full, "lora": a.lrs_lora, "speft_gradient": a.lrs_speft_gradient,
            "speft_magnitude": a.lrs_speft_magnitude, "spiel_ag": a.lrs_spiel}
     if any(not lrs[m] for m in methods if m != "zero_shot"):
@@ -574,7 +456,8 @@ def parse(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
             "eval_batch_size", "density", "lora_rank", "calibration_examples",
             "spiel_update_every", "spiel_accumulate_steps", "seed", "threads", "jobs", "bf16",
             "cache_dir", "probe_steps")
-    cfg = Config(methods=methods, lrs={m: lrs[m] for m in methods if m in lrs},
+    cfg = Config(tasks=tasks, methods=methods, schedules=schedules,
+                 lrs={m: lrs[m] for m in methods if m in lrs},
                  **{k: getattr(a, k) for k in keys})
     return cfg, a
 
@@ -586,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(asdict(cfg), indent=2))
         print(f"estimated {estimate_seconds(cfg) / 60:.1f} min on an idle 2-core CPU")
         return 0
-    run(cfg, Path(a.out))
+    run(cfg, Path(a.out), resume=a.resume)
     return 0
 
 
