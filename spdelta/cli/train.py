@@ -17,7 +17,9 @@ def _names(text: str) -> tuple[str, ...]:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``train``."""
+    from spdelta.optim import SCHEDULES
     from spdelta.salience import METRICS
+    from spdelta.train import DEFAULT_LR
     from spdelta.train.job import TrainConfig
 
     d = TrainConfig(model="", data="", output="")
@@ -29,6 +31,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
          "--density 0.005 --epochs 2 -o sentiment.st",
          "spdelta train --model ckpt/ --data rows.json --method spiel --regrowth ma -o d.st",
          "spdelta train ... --checkpoint-every 50 --resume   # continue an interrupted run",
+         "spdelta train ... --eval-fraction 0.1 --keep best --micro-batch-size 4",
+         "spdelta train ... --chat-template none --template 'Review: {text} Sentiment:'",
          "torchrun --standalone --nproc_per_node 2 -m spdelta train --model ckpt/ "
          "--data d.jsonl -o d.st"])
     p.add_argument("--model", required=True, help="checkpoint directory (or cached hub id)")
@@ -55,13 +59,23 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--calibration-examples", type=int, default=d.calibration_examples,
                    help=f"SPEFT scoring examples (default {d.calibration_examples})")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--lr", type=float, default=d.lr, help=f"default {d.lr}")
+    o.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: " + ", ".join(
+                       f"{m} {v:g}" for m, v in DEFAULT_LR.items()) + ")")
+    o.add_argument("--schedule", choices=list(SCHEDULES), default=d.schedule,
+                   help=f"learning-rate decay after the warmup (default {d.schedule})")
+    o.add_argument("--warmup", type=float, default=d.warmup,
+                   help=f"warmup steps (>= 1) or ratio of the run (< 1) (default {d.warmup:g})")
+    o.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm,
+                   help="clip the gradient to this global norm (default: no clipping)")
     o.add_argument("--weight-decay", type=float, default=d.weight_decay)
     length = o.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, help="optimizer steps")
     length.add_argument("--epochs", type=float, help="passes over the data (default 1)")
     o.add_argument("--batch-size", type=int, default=d.batch_size,
                    help=f"global batch (default {d.batch_size})")
+    o.add_argument("--micro-batch-size", type=int,
+                   help="rows per forward/backward; gradients accumulate to --batch-size")
     o.add_argument("--max-length", type=int, default=d.max_length,
                    help=f"tokens per sequence (default {d.max_length})")
     o.add_argument("--bf16", action="store_true", help="bfloat16 base (fast on GPUs/avx512_bf16)")
@@ -81,6 +95,19 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="comma-separated response text per label id (e.g. negative,positive)")
     f.add_argument("--template", help="prompt template over the columns, e.g. 'Review: {text}'")
     f.add_argument("--system", help="system message for chat templates")
+    f.add_argument("--chat-template", default=d.chat_template, metavar="auto|none|FILE",
+                   help="prompt layout: the tokenizer's chat template (auto), plain prompt + "
+                        "response text (none), or a Jinja template file (default auto)")
+    e = p.add_argument_group("evaluation")
+    held = e.add_mutually_exclusive_group()
+    held.add_argument("--eval-data", help="held-out rows (same formats as --data)")
+    held.add_argument("--eval-split", help="a split of --data to hold out (dataset dirs/names)")
+    held.add_argument("--eval-fraction", type=float,
+                      help="hold out this fraction of the training rows (drawn with --seed)")
+    e.add_argument("--eval-every", type=int,
+                   help="evaluate every N steps and at the end (default: about 10 times a run)")
+    e.add_argument("--keep", choices=["last", "best"], default=d.keep,
+                   help="write the last step's delta, or the best evaluation's (default last)")
     c = p.add_argument_group("checkpoints")
     c.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                    help=f"steps between checkpoints, 0 for none (default {d.checkpoint_every})")

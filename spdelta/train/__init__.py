@@ -7,6 +7,7 @@ Example:
 """
 
 from spdelta.train._accum import MicroBatches, accumulate, label_tokens, micro_batches
+from spdelta.train._defaults import DEFAULT_LR, DEFAULT_SCHEDULE, DEFAULT_WARMUP, default_lr
 from spdelta.train._loop import (
     TrainState,
     TrainStepFn,
@@ -29,6 +30,9 @@ from spdelta.train.spiel import (
 )
 
 __all__ = [
+    "DEFAULT_LR",
+    "DEFAULT_SCHEDULE",
+    "DEFAULT_WARMUP",
     "MicroBatches",
     "SpielState",
     "TRAINING_KEY",
@@ -37,6 +41,7 @@ __all__ = [
     "accumulate",
     "clipped",
     "cycle",
+    "default_lr",
     "init_train_state",
     "label_tokens",
     "learning_rate",

@@ -100,8 +100,18 @@ def plot_losses(log: list[dict[str, float]], path: Path, title: str) -> bool:
         windows = [log[max(0, i - w + 1):i + 1] for i in range(len(log))]
         smooth = [sum(r["loss"] for r in win) / len(win) for win in windows]
         ax.plot(steps, smooth, lw=1.5, label=f"running mean of {w}")
-    ax.set(xlabel="step", ylabel="training loss", title=title)
-    ax.legend()
+    evals = [r for r in log if "eval_loss" in r]
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", lw=1.5,
+                label="held-out loss")
+    if any("eval_accuracy" in r for r in evals):
+        acc = ax.twinx()
+        acc.plot([r["step"] for r in evals], [r["eval_accuracy"] for r in evals], "s--",
+                 color="tab:green", lw=1.2, label="held-out accuracy")
+        acc.set_ylabel("held-out accuracy")
+        acc.legend(loc="upper right")
+    ax.set(xlabel="step", ylabel="loss", title=title)
+    ax.legend(loc="upper left" if evals else "best")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
@@ -122,7 +132,9 @@ def finish(cfg: TrainConfig, run: _Run, model: Any, state: SpielState,
 
     nnz, entries = summary["nnz"], summary["target_entries"]
     record = {**comparable(cfg), "nnz": nnz, "achieved_density": nnz / max(1, entries),
-              "total_steps": run.total, "data_format": run.data.format}
+              "total_steps": run.total, "data_format": run.data.format,
+              "prompt_format": run.data.prompt_format,
+              "written_step": summary.get("written_step", run.total)}
     meta = {KEY_TRAINING: json.dumps(record, sort_keys=True),
             KEY_BASE_MODEL: str(getattr(model.config, "_name_or_path", "") or cfg.model),
             KEY_FINGERPRINT: run.fingerprint}

@@ -9,12 +9,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from spdelta.errors import SpdeltaError
+from spdelta.errors import ParameterError, SpdeltaError
+from spdelta.optim import Schedule
 from spdelta.train._spiel_io import SpielState
 from spdelta.types import Params, Support
 
 if TYPE_CHECKING:
-    from spdelta.train.job import Batch, StepFn, TrainConfig, _Data
+    from spdelta.train.job import Batch, StepFn, TrainConfig
 
 
 def budget_density(shapes: Mapping[str, tuple[int, ...]], cfg: TrainConfig) -> float:
@@ -26,15 +27,15 @@ def budget_density(shapes: Mapping[str, tuple[int, ...]], cfg: TrainConfig) -> f
     return budget(shapes, lora_rank=cfg.lora_rank)[""] / total
 
 
-def select_support(cfg: TrainConfig, model: Any, base: Params, names: list[str], data: _Data,
-            shard: Callable[[Batch], Batch], world: int) -> Support:
-    """SPEFT's support: salience on the first calibration batches, global top-k."""
+def select_support(cfg: TrainConfig, model: Any, base: Params, names: list[str],
+                   rows: Callable[[int], list[Batch]], world: int) -> Support:
+    """SPEFT's support: salience on the first steps' batches (``rows(t)``), global top-k."""
     from spdelta.dist import score_distributed
     from spdelta.salience import score
     from spdelta.select import select_topk
 
     n_batches = max(1, math.ceil(cfg.calibration_examples / cfg.batch_size))
-    calibration = [shard(data.batch(t)) for t in range(n_batches)]
+    calibration = [b for t in range(n_batches) for b in rows(t)]
     kwargs: dict[str, Any] = {"metric": cfg.metric, "targets": names, "progress": cfg.progress,
                               "num_examples": max(1, cfg.calibration_examples // world),
                               "generator": torch.Generator().manual_seed(cfg.seed)}
@@ -45,13 +46,47 @@ def select_support(cfg: TrainConfig, model: Any, base: Params, names: list[str],
     return select_topk(scores, density=0.01 if cfg.density is None else cfg.density)
 
 
-def make_optimizer(cfg: TrainConfig, support: Support,
-                   shapes: Mapping[str, tuple[int, ...]]) -> Any:
-    from spdelta.optim import adamw, sm3
+def check_optim_options(cfg: TrainConfig) -> None:
+    """The learning rate, schedule, warmup, clipping and micro-batch options."""
+    from spdelta.optim.schedules import SCHEDULES, resolve_warmup
 
+    if cfg.schedule not in SCHEDULES:
+        raise ParameterError(f"--schedule: expected one of {', '.join(SCHEDULES)}; found "
+                             f"{cfg.schedule!r}.")
+    try:
+        resolve_warmup(cfg.warmup, 0)
+    except ParameterError:
+        raise ParameterError(f"--warmup: expected a ratio in [0, 1) or a whole number of steps; "
+                             f"found {cfg.warmup}.") from None
+    if cfg.lr is not None and not cfg.lr > 0:
+        raise ParameterError(f"--lr: expected > 0; found {cfg.lr}.")
+    if cfg.max_grad_norm is not None and not 0 < cfg.max_grad_norm < math.inf:
+        raise ParameterError(f"--max-grad-norm: expected a positive number; found "
+                             f"{cfg.max_grad_norm}.")
+    if cfg.micro_batch_size is not None and not 1 <= cfg.micro_batch_size <= cfg.batch_size:
+        raise ParameterError(f"--micro-batch-size: expected 1 .. --batch-size "
+                             f"({cfg.batch_size}); found {cfg.micro_batch_size}.")
+
+
+def lr_schedule(cfg: TrainConfig, total: int) -> Schedule:
+    """The job's learning rate at each step (peak ``cfg.lr`` or the method's default)."""
+    from spdelta.train._defaults import default_lr
+    from spdelta.train._loop import learning_rate
+
+    lr = default_lr(cfg.method) if cfg.lr is None else cfg.lr
+    return learning_rate(lr, schedule=cfg.schedule, warmup=cfg.warmup, total_steps=total)
+
+
+def make_optimizer(cfg: TrainConfig, support: Support,
+                   shapes: Mapping[str, tuple[int, ...]], total: int) -> Any:
+    """AdamW (SM3 for SpIEL-MA) on the job's schedule, after clipping if asked."""
+    from spdelta.optim import adamw, sm3
+    from spdelta.train._loop import clipped
+
+    rate = lr_schedule(cfg, total)
     if cfg.method == "spiel" and cfg.regrowth == "ma":
-        return sm3(cfg.lr, support=support, shapes=shapes)
-    return adamw(cfg.lr, weight_decay=cfg.weight_decay)
+        return clipped(sm3(rate, support=support, shapes=shapes), cfg.max_grad_norm)
+    return clipped(adamw(rate, weight_decay=cfg.weight_decay), cfg.max_grad_norm)
 
 
 def static_step(inner: Callable[[Any, Batch], tuple[Any, dict[str, float]]]) -> StepFn:
@@ -94,11 +129,10 @@ def fsdp_engine(cfg: TrainConfig, model: Any, state: SpielState, total: int,
         make_fsdp_train_step,
         shard_with_deltas,
     )
-    from spdelta.optim import adamw
 
     # A tensor the global top-k left empty gets no DeltaLinear (FSDP cannot shard 0 values).
     model = shard_with_deltas(model, {n: i for n, i in state.support.items() if i.numel()})
-    optimizer = adamw(cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(cfg, state.support, {}, total)
     template = fsdp_spiel_init(model, optimizer)  # values/optimizer state as sharded DTensors
     if resume_from is not None:
         loaded = load_checkpoint(resume_from, template=template)

@@ -22,11 +22,21 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_map_only
 
-from spdelta.errors import DataError, OutputExistsError, ParameterError
+from spdelta.errors import OutputExistsError, ParameterError
+from spdelta.train._accum import MicroBatches
+from spdelta.train._defaults import DEFAULT_SCHEDULE, DEFAULT_WARMUP
+from spdelta.train._job_data import JobData
+from spdelta.train._job_eval import (
+    EvalHook,
+    Evaluator,
+    check_eval_options,
+)
 from spdelta.train._job_io import ckpt_dir, finish, job_file, load_job, save_job
 from spdelta.train._job_steps import (
     budget_density,
+    check_optim_options,
     fsdp_engine,
+    lr_schedule,
     make_optimizer,
     make_step_fn,
     select_support,
@@ -55,11 +65,21 @@ class TrainConfig:
             ``lora_rank``).
         lora_rank: Train as many entries as a rank-``r`` LoRA on the targets.
         targets: Target weights (:func:`spdelta.targets.resolve_targets`).
-        lr: AdamW (SM3 for SpIEL-MA) learning rate.
+        lr: AdamW (SM3 for SpIEL-MA) peak learning rate; ``None``: the method's default
+            (:data:`spdelta.train.DEFAULT_LR`).
+        schedule: Learning-rate decay after the warmup: ``"constant"``, ``"linear"`` or
+            ``"cosine"`` (to 0 at the last step; :func:`spdelta.optim.warmup_schedule`).
+        warmup: Warmup steps (a whole number ``>= 1``) or a ratio of the run (``< 1``).
+        max_grad_norm: Clip the values' gradient to this global norm (``None``: no
+            clipping; :func:`spdelta.optim.clip_by_global_norm`).
         weight_decay: AdamW decoupled weight decay of the delta values.
         steps: Optimizer steps; exclusive with ``epochs``.
         epochs: Passes over the data (rounded up to whole steps); default 1.
         batch_size: Global batch size (rows per step, split over ranks).
+        micro_batch_size: Rows per forward/backward pass (``None``: the whole batch, or
+            its share per rank); each step accumulates the gradients of
+            ``batch_size / (ranks * micro_batch_size)`` micro-batches, weighted by their
+            label tokens, into the gradient of the whole batch.
         max_length: Tokens per sequence (prompts are truncated from the left).
         bf16: Load the base in bfloat16 (values stay fp32).
         nf4: Quantise the target weights of the base to NF4 (torchao) after scoring.
@@ -78,6 +98,17 @@ class TrainConfig:
         label_names: Label id -> response text (text + label format).
         template: ``str.format`` template of the prompt over the row's columns.
         system: System message for chat templates.
+        chat_template: ``"auto"`` (the tokenizer's chat template when it has one),
+            ``"none"`` (plain prompt + response text) or a Jinja template file
+            (:func:`spdelta.data.encode_prompt_response`); the delta's training record
+            says which layout was used (``prompt_format``).
+        eval_data: Held-out rows (same formats as ``data``).
+        eval_split: A split of ``data`` (a dataset dict or named dataset) to hold out.
+        eval_fraction: Hold out this fraction of the training rows (drawn with ``seed``).
+        eval_every: Evaluate every this many steps (and at the end); ``None``: about 10
+            times a run (every ``max(1, steps // 10)``).
+        keep: ``"last"`` writes the final delta; ``"best"`` the delta of the evaluation
+            with the best accuracy (text + label data), else the lowest held-out loss.
         calibration_examples: Examples scored for SPEFT selection.
         regrowth: SpIEL regrowth, ``"ag"`` (accumulated gradients) or ``"ma"`` (SM3).
         update_every: SpIEL steps between regrowths.
@@ -101,11 +132,15 @@ class TrainConfig:
     density: float | None = None
     lora_rank: int | None = None
     targets: str = "all-linear"
-    lr: float = 1e-3
+    lr: float | None = None
+    schedule: str = DEFAULT_SCHEDULE
+    warmup: float = DEFAULT_WARMUP
+    max_grad_norm: float | None = None
     weight_decay: float = 0.0
     steps: int | None = None
     epochs: float | None = None
     batch_size: int = 8
+    micro_batch_size: int | None = None
     max_length: int = 256
     bf16: bool = False
     nf4: bool = False
@@ -120,6 +155,12 @@ class TrainConfig:
     label_names: tuple[str, ...] | None = None
     template: str | None = None
     system: str | None = None
+    chat_template: str = "auto"
+    eval_data: str | None = None
+    eval_split: str | None = None
+    eval_fraction: float | None = None
+    eval_every: int | None = None
+    keep: str = "last"
     calibration_examples: int = 256
     regrowth: str = "ag"
     update_every: int = 20
@@ -134,6 +175,8 @@ class TrainConfig:
 
 
 def _check(cfg: TrainConfig) -> None:
+    check_optim_options(cfg)
+    check_eval_options(cfg)
     if cfg.method not in ("speft", "spiel"):
         raise ParameterError(f"method: expected 'speft' or 'spiel'; found {cfg.method!r}.")
     if cfg.density is not None and cfg.lora_rank is not None:
@@ -172,47 +215,7 @@ def _device(cfg: TrainConfig, env: Any) -> torch.device:
     return device
 
 
-class _Data:
-    """Step ``t`` -> its global batch: epoch ``t // per_epoch``, shuffled by ``(seed, epoch)``.
-
-    The order depends only on the seed and the step, so a resumed run reads exactly
-    the batches the interrupted one would have read, with no iterator to replay.
-    """
-
-    def __init__(self, cfg: TrainConfig, tokenizer: Any) -> None:
-        from spdelta.data import load_table, prompt_response_pairs
-
-        rows = load_table(cfg.data, split=cfg.split)
-        self.prompts, self.responses, self.format = prompt_response_pairs(
-            rows, prompt_column=cfg.prompt_column, response_column=cfg.response_column,
-            text_column=cfg.text_column, label_column=cfg.label_column,
-            label_names=cfg.label_names, template=cfg.template)
-        self.n = len(self.prompts)
-        if self.n < cfg.batch_size:
-            raise DataError(f"data {cfg.data!r}: {self.n} rows, fewer than one batch of "
-                            f"{cfg.batch_size}; lower --batch-size or add rows.")
-        self.per_epoch = self.n // cfg.batch_size  # the last partial batch is dropped
-        self.cfg, self.tokenizer = cfg, tokenizer
-        self._orders: dict[int, list[int]] = {}
-
-    def rows(self, t: int) -> list[int]:
-        epoch, i = divmod(t, self.per_epoch)
-        if epoch not in self._orders:
-            gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
-            self._orders = {epoch: torch.randperm(self.n, generator=gen).tolist()}
-        b = self.cfg.batch_size
-        return self._orders[epoch][i * b:(i + 1) * b]
-
-    def batch(self, t: int) -> dict[str, Any]:
-        from spdelta.data import encode_prompt_response
-
-        idx = self.rows(t)
-        return encode_prompt_response(
-            self.tokenizer, [self.prompts[i] for i in idx], [self.responses[i] for i in idx],
-            max_length=self.cfg.max_length, system=self.cfg.system)
-
-
-def _total_steps(cfg: TrainConfig, data: _Data) -> int:
+def _total_steps(cfg: TrainConfig, data: JobData) -> int:
     if cfg.steps is not None:
         return cfg.steps
     return max(1, math.ceil((cfg.epochs or 1.0) * data.per_epoch))
@@ -235,11 +238,12 @@ class _Run:
     device: torch.device
     speak: Callable[[str], None]
     model: Any
-    data: _Data
+    data: JobData
     total: int
     base: dict[str, torch.Tensor]
     shapes: dict[str, tuple[int, ...]]
     fingerprint: str
+    evals: EvalHook
 
     def shard(self, batch: Batch) -> dict[str, Any]:
         """This rank's share of a global batch, on the job's device."""
@@ -248,6 +252,28 @@ class _Run:
 
         return batch_to(shard_batch(batch, self.rank, self.world) if self.world > 1 else batch,
                         self.device)
+
+    def step_input(self, t: int) -> tuple[Any, int]:
+        """Step ``t``'s input for this rank (a batch, or micro-batches) and its tokens.
+
+        The tokens are the global batch's (unpadded); with micro-batches on several
+        ranks, this rank's times the number of ranks.
+        """
+        from spdelta.data import batch_to
+
+        micro = self.data.cfg.micro_batch_size
+        if micro is None or micro >= self.data.cfg.batch_size // self.world:
+            batch = self.data.batch(t)
+            return self.shard(batch), int(batch["attention_mask"].sum())
+        parts = self.data.micro(t, self.rank, self.world)
+        tokens = sum(int(b["attention_mask"].sum()) for b in parts.batches) * self.world
+        return parts._replace(batches=tuple(batch_to(b, self.device) for b in parts.batches)), (
+            tokens)
+
+    def calibration(self, t: int) -> list[Batch]:
+        """Step ``t``'s rows for scoring: this rank's share (micro-batches if the job has them)."""
+        got, _ = self.step_input(t)
+        return list(got.batches) if isinstance(got, MicroBatches) else [got]
 
 
 def _setup(cfg: TrainConfig, say: Callable[[str], None]) -> _Run:
@@ -265,7 +291,7 @@ def _setup(cfg: TrainConfig, say: Callable[[str], None]) -> _Run:
     model: Any = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
     model.to(device)
     model.train()
-    data = _Data(cfg, tokenizer)
+    data = JobData(cfg, tokenizer)
     if cfg.batch_size % world:
         raise ParameterError(f"batch_size {cfg.batch_size} is not a multiple of the world size "
                              f"{world}; use a multiple of {world}.")
@@ -275,13 +301,17 @@ def _setup(cfg: TrainConfig, say: Callable[[str], None]) -> _Run:
                              "SpIEL-AG; drop --fsdp to train data-parallel instead.")
     base = {n: p.detach() for n, p in model.named_parameters()}
     names = resolve_targets(model, cfg.targets)
+    total, held = _total_steps(cfg, data), data.eval_set()
+    evaluator = None if held is None else Evaluator(cfg, tokenizer, held, data.chat_template,
+                                                    env.rank, world, device)
     run = _Run(env.rank, world, device, say if env.rank == 0 else (lambda _: None), model, data,
-               _total_steps(cfg, data), base, {n: tuple(base[n].shape) for n in names},
-               fingerprint(base, names))
+               total, base, {n: tuple(base[n].shape) for n in names}, fingerprint(base, names),
+               EvalHook(evaluator, held, cfg.eval_every, total, cfg.keep == "best"))
     run.speak(f"model {cfg.model}: {len(names)} target tensors, "
               f"{sum(math.prod(s) for s in run.shapes.values()):,} target entries; data "
               f"{cfg.data}: {data.n} rows ({data.format}), {run.total} steps of {cfg.batch_size}"
-              + (f" on {world} ranks" if world > 1 else "") + f", on {device}")
+              + (f" on {world} ranks" if world > 1 else "") + f", on {device}"
+              + (f"; {len(held.prompts)} held-out rows" if held is not None else ""))
     return run
 
 
@@ -298,7 +328,7 @@ def _start(cfg: TrainConfig, run: _Run, ckpt: Path, job: dict[str, Any] | None
         run.speak(f"resuming from {ckpt} at step {state.step}")
         return state, log
     if cfg.method == "speft":
-        support = select_support(cfg, run.model, run.base, list(run.shapes), run.data, run.shard,
+        support = select_support(cfg, run.model, run.base, list(run.shapes), run.calibration,
                                  run.world)
     else:
         support = random_support(run.shapes, density=budget_density(run.shapes, cfg),
@@ -306,14 +336,18 @@ def _start(cfg: TrainConfig, run: _Run, ckpt: Path, job: dict[str, Any] | None
                                  device=run.device)
     values = {n: torch.zeros(i.numel(), dtype=torch.float32, device=run.device)
               for n, i in support.items()}
-    opt = make_optimizer(cfg, support, run.shapes)
+    opt = make_optimizer(cfg, support, run.shapes, run.total)
     torch.manual_seed(cfg.seed)  # dropout, if the model has any
     return SpielState(values, support, opt.init(values), 0, {}, None), []
 
 
 def _engine(cfg: TrainConfig, run: _Run, state: SpielState, resume_from: Path | None
-            ) -> tuple[Any, SpielState, StepFn]:
-    """NF4 targets if asked, then the model, state and step: FSDP2-sharded or data parallel."""
+            ) -> tuple[Any, SpielState, StepFn, Callable[[SpielState], Any]]:
+    """NF4 targets if asked, then the model, state, step and evaluation forward.
+
+    FSDP2-sharded or data parallel. The evaluation forward maps a state to
+    ``batch -> logits`` of the model with that state's delta (not under FSDP).
+    """
     base = run.base
     if cfg.nf4:
         from spdelta.quant import to_nf4
@@ -323,38 +357,69 @@ def _engine(cfg: TrainConfig, run: _Run, state: SpielState, resume_from: Path | 
             if n in run.shapes:
                 p.data = torch.empty(0, dtype=p.dtype, device=p.device)
     if cfg.fsdp:
-        return fsdp_engine(cfg, run.model, state, run.total, resume_from)
+        return (*fsdp_engine(cfg, run.model, state, run.total, resume_from), _no_forward)
     # An FSDP checkpoint keeps AG sums as (out, in) shards; here they are flat.
     state = state._replace(grad_acc={n: g.reshape(-1) for n, g in state.grad_acc.items()})
-    optimizer = make_optimizer(cfg, state.support, run.shapes)
+    optimizer = make_optimizer(cfg, state.support, run.shapes, run.total)
+    from spdelta.functional import make_loss_fn
+
+    logits = make_loss_fn(run.model, lambda out, batch: out.logits)
+
+    def forward(s: SpielState) -> Callable[[dict[str, Any]], torch.Tensor]:
+        return lambda batch: logits(s.values, base, s.support, batch)
+
     return run.model, state, make_step_fn(cfg, run.model, base, state.support, optimizer,
-                                          run.total, run.world)
+                                          run.total, run.world), forward
+
+
+def _no_forward(state: SpielState) -> Any:
+    raise ParameterError("--fsdp does not evaluate yet.")  # refused by the option checks
 
 
 def _loop(cfg: TrainConfig, run: _Run, state: SpielState, log: list[dict[str, float]],
-          step: StepFn, ckpt: Path) -> tuple[SpielState, int, float]:
-    """Train to the end (or ``stop_after``), logging and checkpointing; tokens and seconds."""
+          step: StepFn, forward: Callable[[SpielState], Any], ckpt: Path
+          ) -> tuple[SpielState, int, float]:
+    """Train to the end (or ``stop_after``), logging, evaluating and checkpointing."""
     from tqdm.auto import tqdm
 
     end = run.total if cfg.stop_after is None else min(run.total, state.step + cfg.stop_after)
+    rate = lr_schedule(cfg, run.total)
     t_train = time.perf_counter()
     tokens_run = 0
     with tqdm(total=run.total, initial=state.step, desc=f"{cfg.method}", unit="step",
               disable=not (cfg.progress and run.rank == 0)) as bar:
         while state.step < end:
-            batch = run.data.batch(state.step)
-            tokens = int(batch["attention_mask"].sum())
+            lr = rate(state.step)
+            inputs, tokens = run.step_input(state.step)
             t0 = time.perf_counter()
-            state, metrics = step(state, run.shard(batch))
+            state, metrics = step(state, inputs)
             dt = time.perf_counter() - t0
             tokens_run += tokens
-            log.append({**metrics, "tokens": float(tokens), "seconds": dt})
+            log.append({**metrics, "lr": lr, "tokens": float(tokens), "seconds": dt,
+                        **run.evals(state, forward)})
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tokens / dt:,.0f}")
+            if "eval_loss" in log[-1]:
+                run.speak(f"step {state.step}: " + ", ".join(
+                    f"{k} {v:.4f}" for k, v in log[-1].items() if k.startswith("eval_")))
             due = cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0
             if (due and state.step < run.total) or (state.step == end < run.total):
+                run.evals.checkpoint(ckpt)  # before the state: see load_best
                 save_job(ckpt, state, cfg, log, run.rank)
     return state, tokens_run, time.perf_counter() - t_train
+
+
+def _eval_summary(run: _Run, log: list[dict[str, float]]) -> dict[str, Any]:
+    """The last and the best evaluation, and which step's delta is written."""
+    evals = [r for r in log if "eval_loss" in r]
+    if not evals:
+        return {}
+    best = run.evals.best_at
+    out: dict[str, Any] = {k: v for k, v in evals[-1].items() if k.startswith("eval_")}
+    out.update(best_step=best[0] if best else None, best_metric=run.evals.metric,
+               best_value=best[1] if best else None,
+               written_step=best[0] if run.evals.keep_best and best else evals[-1]["step"])
+    return out
 
 
 def train_job(cfg: TrainConfig, *, say: Callable[[str], None] = print) -> dict[str, Any]:
@@ -402,8 +467,11 @@ def train_job(cfg: TrainConfig, *, say: Callable[[str], None] = print) -> dict[s
     t_start = time.perf_counter()
     run = _setup(cfg, say)
     state, log = _start(cfg, run, ckpt, job)
-    model, state, step = _engine(cfg, run, state, ckpt / "state" if job is not None else None)
-    state, tokens_run, train_s = _loop(cfg, run, state, log, step, ckpt)
+    if job is not None:
+        run.evals.resume(log, ckpt)
+    model, state, step, forward = _engine(cfg, run, state,
+                                          ckpt / "state" if job is not None else None)
+    state, tokens_run, train_s = _loop(cfg, run, state, log, step, forward, ckpt)
     finished = state.step >= run.total
     summary = {"steps": state.step, "total_steps": run.total, "finished": finished,
                "loss_first": log[0]["loss"] if log else None,
@@ -413,10 +481,10 @@ def train_job(cfg: TrainConfig, *, say: Callable[[str], None] = print) -> dict[s
                "seconds": time.perf_counter() - t_start, "train_seconds_this_run": train_s,
                "tokens_per_s": tokens_run / train_s if train_s > 0 else 0.0,
                "world_size": run.world, "device": str(run.device), "delta": str(Path(cfg.output)),
-               "checkpoint": str(ckpt)}
+               "checkpoint": str(ckpt), **_eval_summary(run, log)}
     if not finished:
         run.speak(f"stopped at step {state.step} of {run.total}; checkpoint in {ckpt}. "
                   "Continue with the same command and --resume.")
         return summary
-    finish(cfg, run, model, state, log, summary)
+    finish(cfg, run, model, run.evals.result(state), log, summary)
     return summary

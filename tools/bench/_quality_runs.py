@@ -7,7 +7,9 @@ process does (``sweep_child``, ``test_child``, ``probe_memory``).
 from __future__ import annotations
 
 import gc
+import json
 import math
+import os
 import resource
 import statistics
 import sys
@@ -326,6 +328,33 @@ def _save(weights: Any, path: Path) -> None:
         save_file({n: t.contiguous() for n, t in weights.items()}, str(path))
 
 
+#: The settings one run's result depends on (not the grid, jobs or threads).
+RUN_KEYS = ("steps", "batch_size", "max_length", "val_examples", "density", "lora_rank",
+            "calibration_examples", "spiel_update_every", "spiel_accumulate_steps", "seed", "bf16")
+
+
+def _run_settings(cfg: Config) -> dict[str, Any]:
+    return {k: getattr(cfg, k) for k in RUN_KEYS}
+
+
+def _record_run(stem: Path, cfg: Config, run: dict[str, Any]) -> None:
+    """Write a finished run's record beside its weights (after them: a record means both)."""
+    tmp = stem.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"settings": _run_settings(cfg), "run": run}, indent=1))
+    os.replace(tmp, stem.with_suffix(".json"))
+
+
+def _finished_run(stem: Path, cfg: Config) -> dict[str, Any] | None:
+    """The record of a run an earlier sweep finished with the same settings, if any."""
+    path = stem.with_suffix(".json")
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    if saved["settings"] != _run_settings(cfg) or not Path(saved["run"]["weights"]).is_file():
+        return None
+    return {**saved["run"], "kept_from_earlier_sweep": True}
+
+
 def sweep_child(task: str, method: str, cfg_dict: dict[str, Any], runs_dir: str
                 ) -> dict[str, Any]:
     """Child process: every (LR, schedule) run of ``method`` on ``task``, validation only.
@@ -357,13 +386,17 @@ def sweep_child(task: str, method: str, cfg_dict: dict[str, Any], runs_dir: str
     runs = []
     for schedule in schedules:
         for lr in cfg.lrs[method]:
+            stem = Path(runs_dir) / task / method / run_name(lr, schedule)
+            if method != "full" and (done := _finished_run(stem, cfg)) is not None:
+                runs.append(done)  # kept from an earlier sweep with the same run settings
+                continue
             model, run, weights = one_run(method, data, cfg, lr, schedule, metric)
             print(f"  {task} {method} lr={lr:g} {schedule}: val {run['val_accuracy']:.3f}",
                   file=sys.stderr, flush=True)
             if weights is not None:
-                path = Path(runs_dir) / task / method / f"{run_name(lr, schedule)}.safetensors"
-                _save(weights, path)
-                run["weights"] = str(path)
+                _save(weights, stem.with_suffix(".safetensors"))
+                run["weights"] = str(stem.with_suffix(".safetensors"))
+                _record_run(stem, cfg, run)
             runs.append(run)
             if method == "full" and (best is None or run["val_accuracy"] > best[0]):
                 best = (run["val_accuracy"], model)
