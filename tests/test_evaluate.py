@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -43,8 +45,7 @@ def test_none_is_the_plain_tokenisation_of_prompt_plus_response(bpe, prompts: li
         assert ids == bpe(p + r)["input_ids"] + [eos]
         # The loss covers the tokens past the prompt's own tokens, and EOS.
         alone = bpe(p)["input_ids"]
-        k = next((i for i, (a, b) in enumerate(zip(ids, alone)) if a != b), min(len(alone),
-                                                                              len(ids) - 1))
+        k = len(os.path.commonprefix([ids, alone]))
         targets = batch["shift_labels"][row]
         assert targets[targets != -100].tolist() == ids[k:]
 
