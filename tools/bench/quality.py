@@ -362,7 +362,7 @@ def _tests(cfg: Config, out_dir: Path, report: dict[str, Any], say: Callable[[st
 
 
 def run(cfg: Config, out_dir: Path, say: Callable[[str], None] = print, *,
-        resume: bool = False) -> dict[str, Any]:
+        resume: bool = False, test: bool = True) -> dict[str, Any]:
     """The sweep children, the cross-task choice, then the test children; writes as it goes.
 
     With ``resume``, finished sweep children of an earlier run in ``out_dir`` with the
@@ -391,7 +391,8 @@ def run(cfg: Config, out_dir: Path, say: Callable[[str], None] = print, *,
     say("defaults chosen on validation (mean over tasks): " + "; ".join(
         f"{m} lr {c['lr']:g} {c['schedule']} ({c['mean_val']:.3f})"
         for m, c in report["chosen"].items()))
-    _tests(cfg, out_dir, report, say, t0)
+    if test:
+        _tests(cfg, out_dir, report, say, t0)
     say(_write(out_dir, report))
     say(f"done in {report['elapsed_s'] / 60:.1f} min (estimated {est / 60:.0f} min); "
         f"{out_dir / 'quality.json'}, {out_dir / 'quality.md'}")
@@ -433,6 +434,8 @@ def parse(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     p.add_argument("--dry-run", action="store_true", help="print the plan and estimate only")
     p.add_argument("--resume", action="store_true",
                    help="keep the finished sweep children of an earlier run in --out")
+    p.add_argument("--no-test", action="store_true",
+                   help="stop after the validation sweep and the choice (no test split)")
     a = p.parse_args(argv)
     methods, tasks = tuple(a.methods.split(",")), tuple(a.tasks.split(","))
     schedules = tuple(a.schedules.split(","))
@@ -469,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(asdict(cfg), indent=2))
         print(f"estimated {estimate_seconds(cfg) / 60:.1f} min on an idle 2-core CPU")
         return 0
-    run(cfg, Path(a.out), resume=a.resume)
+    run(cfg, Path(a.out), resume=a.resume, test=not a.no_test)
     return 0
 
 
