@@ -77,3 +77,21 @@ def test_checkpoint_from_two_processes_resumes_in_one(tiny_lm_dir: str, sums: Pa
     assert not (tmp_path / "two.st").exists()
     assert main(_args(tiny_lm_dir, sums, tmp_path / "two.st", *extra, "--resume")) == 0
     _same_run(tmp_path / "one.st", tmp_path / "two.st")
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_schedule_clipping_and_micro_batches_on_two_processes(tiny_lm_dir: str, sums: Path,
+                                                               tmp_path: Path, fsdp: bool) -> None:
+    """The schedule and the global-norm clipping (over DTensor shards under FSDP) match one
+    process; data parallel also with micro-batches and held-out evaluation."""
+    extra = ["--schedule", "cosine", "--warmup", "2", "--max-grad-norm", "0.05"]
+    if not fsdp:
+        extra += ["--micro-batch-size", "1", "--eval-fraction", "0.25", "--eval-every", "3"]
+    assert main(_args(tiny_lm_dir, sums, tmp_path / "one.st", *extra)) == 0
+    _torchrun(_args(tiny_lm_dir, sums, tmp_path / "two.st", *extra, *(["--fsdp"] * fsdp)))
+    _same_run(tmp_path / "one.st", tmp_path / "two.st")
+    one, two = (json.loads((tmp_path / f"{n}.st.log.json").read_text()) for n in ("one", "two"))
+    assert [r["lr"] for r in one["log"]] == [r["lr"] for r in two["log"]]
+    if not fsdp:
+        assert two["summary"]["eval_loss"] == pytest.approx(one["summary"]["eval_loss"],
+                                                            rel=1e-4)
