@@ -20,6 +20,7 @@ from spdelta._io import atomic_write
 from spdelta.delta import SparseDelta
 from spdelta.errors import ParameterError, SpdeltaError
 from spdelta.format.constants import KEY_BASE_MODEL, KEY_FINGERPRINT, KEY_TRAINING
+from spdelta.train._defaults import default_lr
 from spdelta.train._spiel_io import SpielState
 
 if TYPE_CHECKING:
@@ -133,6 +134,7 @@ def finish(cfg: TrainConfig, run: _Run, model: Any, state: SpielState,
     nnz, entries = summary["nnz"], summary["target_entries"]
     record = {**comparable(cfg), "nnz": nnz, "achieved_density": nnz / max(1, entries),
               "total_steps": run.total, "data_format": run.data.format,
+              "lr": default_lr(cfg.method) if cfg.lr is None else cfg.lr,  # the peak used
               "prompt_format": run.data.prompt_format,
               "written_step": summary.get("written_step", run.total)}
     meta = {KEY_TRAINING: json.dumps(record, sort_keys=True),

@@ -324,3 +324,19 @@ def test_bad_options_are_one_line(tiny_lm_dir: str, data_dir: Path, tmp_path: Pa
                   *extra) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_eval_split_of_a_dataset_directory(tiny_lm_dir: str, tmp_path: Path) -> None:
+    import datasets
+
+    rows = {"prompt": [f"add {i} 1" for i in range(12)],
+            "response": [str(i + 1) for i in range(12)]}
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows),
+                                   "validation": datasets.Dataset.from_dict(rows).select(range(3))})
+    splits.save_to_disk(str(tmp_path / "ds"))
+    out = tmp_path / "d.st"
+    assert _train(tiny_lm_dir, tmp_path / "ds", out, "--steps", "2", "--eval-split",
+                  "validation") == 0
+    log = _log(out)
+    assert [r["step"] for r in log["log"] if "eval_loss" in r] == [1, 2]  # 2 // 10 -> every step
+    assert "eval_accuracy" not in log["summary"] and log["summary"]["eval_loss"] > 0
