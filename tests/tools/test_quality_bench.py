@@ -125,6 +125,7 @@ def test_estimate_and_kept_runs(quality: ModuleType, tmp_path: Path) -> None:
     (tmp_path / "w.st").write_bytes(b"x")
     runs._record_run(stem, cfg, {"lr": 1e-3, "weights": str(tmp_path / "w.st")})
     assert runs._finished_run(stem, cfg)["kept_from_earlier_sweep"]
+    assert runs._finished_run(tmp_path / "lr0.003_constant", cfg) is None  # names hold dots
     other = quality.parse(["--steps", "7"])[0]
     assert runs._finished_run(stem, other) is None  # other run settings: run it again
     assert quality.parse(["--lrs-lora", "5e-4"])[0].lrs["lora"] == [5e-4]

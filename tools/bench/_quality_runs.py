@@ -337,16 +337,21 @@ def _run_settings(cfg: Config) -> dict[str, Any]:
     return {k: getattr(cfg, k) for k in RUN_KEYS}
 
 
+def _beside(stem: Path, ext: str) -> Path:
+    # Not with_suffix: the run names hold dots ("lr0.0003_constant").
+    return stem.with_name(stem.name + ext)
+
+
 def _record_run(stem: Path, cfg: Config, run: dict[str, Any]) -> None:
     """Write a finished run's record beside its weights (after them: a record means both)."""
-    tmp = stem.with_suffix(".json.tmp")
+    tmp = _beside(stem, ".json.tmp")
     tmp.write_text(json.dumps({"settings": _run_settings(cfg), "run": run}, indent=1))
-    os.replace(tmp, stem.with_suffix(".json"))
+    os.replace(tmp, _beside(stem, ".json"))
 
 
 def _finished_run(stem: Path, cfg: Config) -> dict[str, Any] | None:
     """The record of a run an earlier sweep finished with the same settings, if any."""
-    path = stem.with_suffix(".json")
+    path = _beside(stem, ".json")
     if not path.is_file():
         return None
     saved = json.loads(path.read_text())
@@ -394,8 +399,8 @@ def sweep_child(task: str, method: str, cfg_dict: dict[str, Any], runs_dir: str
             print(f"  {task} {method} lr={lr:g} {schedule}: val {run['val_accuracy']:.3f}",
                   file=sys.stderr, flush=True)
             if weights is not None:
-                _save(weights, stem.with_suffix(".safetensors"))
-                run["weights"] = str(stem.with_suffix(".safetensors"))
+                _save(weights, _beside(stem, ".safetensors"))
+                run["weights"] = str(_beside(stem, ".safetensors"))
                 _record_run(stem, cfg, run)
             runs.append(run)
             if method == "full" and (best is None or run["val_accuracy"] > best[0]):
