@@ -87,7 +87,8 @@ def _run(lr: float, schedule: str, val: float) -> dict:
 
 
 def test_choice_is_the_best_mean_over_tasks_and_tables(quality: ModuleType) -> None:
-    cfg, _ = quality.parse(["--methods", "zero_shot,lora", "--lrs-lora", "1e-3,2e-3",
+    cfg, _ = quality.parse(["--tasks", "sentiment,debates", "--methods", "zero_shot,lora",
+                            "--lrs-lora", "1e-3,2e-3",
                             "--schedules", "constant,cosine@0.1"])
     assert cfg.lrs == {"lora": [1e-3, 2e-3]} and cfg.schedules == ("constant", "cosine@0.1")
     grid = [(1e-3, "constant"), (2e-3, "constant"), (1e-3, "cosine@0.1"), (2e-3, "cosine@0.1")]
@@ -145,3 +146,26 @@ def test_debates_task_splits(quality: ModuleType) -> None:
     assert set(splits["test"]["label"]) == {0, 1, 2}
     prompt = TASKS["debates"].prompts(splits["test"].select([0]))[0]
     assert prompt.startswith("Who said this") and splits["test"][0]["text"] in prompt
+
+
+@pytest.mark.hf
+def test_token_accuracy_equals_a_direct_count(quality: ModuleType, tiny_lm_dir: str) -> None:
+    import _quality_runs as runs
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
+    texts = ["to be or not", "that is the question: whether", "ay"]
+    cfg = quality.Config(max_length=16, eval_batch_size=2)
+    batch = runs.lm_batch(tok, texts, cfg.max_length)
+    assert batch["labels"].shape == batch["input_ids"].shape
+    assert int((batch["labels"] != -100).sum()) == sum(min(len(t), 16) for t in texts)
+    acc, se = runs.token_accuracy(model, tok, texts, cfg)
+    hits = n = 0
+    with torch.no_grad():
+        for t in texts:
+            ids = tok(t)["input_ids"][:16]
+            pred = model(input_ids=torch.tensor([ids])).logits[0, :-1].argmax(-1).tolist()
+            hits += sum(p == y for p, y in zip(pred, ids[1:], strict=True))
+            n += len(ids) - 1
+    assert acc == pytest.approx(hits / n) and 0 <= se < 1

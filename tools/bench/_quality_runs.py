@@ -37,7 +37,7 @@ Batch = dict[str, Any]
 class Config:
     """Benchmark settings (see ``quality.py --help``)."""
 
-    tasks: tuple[str, ...] = ("sentiment", "debates")
+    tasks: tuple[str, ...] = ("sentiment", "hamlet")
     methods: tuple[str, ...] = ("zero_shot", "full", "lora", "speft_gradient", "spiel_ag")
     schedules: tuple[str, ...] = ("constant", "cosine@0.1")
     steps: int = 60
@@ -94,9 +94,46 @@ def train_batches(tok: Any, task: Task, rows: Any, cfg: Config) -> Iterator[Batc
         order = torch.randperm(len(rows), generator=gen).tolist()
         for i in range(0, len(rows), cfg.batch_size):
             part = rows.select(order[i:i + cfg.batch_size])
+            if task.kind == "lm":
+                yield lm_batch(tok, part["text"], cfg.max_length)
+                continue
             yield encode_prompt_response(tok, task.prompts(part),
                                          [task.choices[y] for y in part["label"]],
                                          max_length=cfg.max_length, system=task.system)
+
+
+def lm_batch(tok: Any, texts: list[str], max_length: int) -> Batch:
+    """Plain text for language modelling: right-padded, the loss on every real token."""
+    rows = [tok(t, add_special_tokens=True)["input_ids"][:max_length] for t in texts]
+    width = max(len(r) for r in rows)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+@torch.no_grad()
+def token_accuracy(model: nn.Module, tok: Any, texts: list[str], cfg: Config
+                   ) -> tuple[float, float]:
+    """Next-token accuracy (argmax) over every real token, and its standard error.
+
+    The error treats pieces as the independent units (tokens of one piece are not): the
+    linearised standard error of the ratio ``sum correct / sum tokens`` over pieces.
+    """
+    device = next(model.parameters()).device
+    correct, total = [], []
+    for i in range(0, len(texts), cfg.eval_batch_size):
+        batch = lm_batch(tok, texts[i:i + cfg.eval_batch_size], cfg.max_length)
+        labels = batch.pop("labels")[:, 1:]
+        pred = model(**{k: v.to(device) for k, v in batch.items()}).logits[:, :-1].argmax(-1)
+        counted = labels != -100
+        correct += ((pred.cpu() == labels) & counted).sum(1).tolist()
+        total += counted.sum(1).tolist()
+    c, t = torch.tensor(correct, dtype=torch.float64), torch.tensor(total, dtype=torch.float64)
+    p = float(c.sum() / t.sum())
+    return p, float(((c - p * t).square().sum()).sqrt() / t.sum())
 
 
 def target_names(model: nn.Module) -> list[str]:
@@ -154,13 +191,18 @@ def load_model(data: dict[str, Any], cfg: Config) -> nn.Module:
     return model
 
 
-def accuracy(model: nn.Module, data: dict[str, Any], split: str, cfg: Config) -> float:
+def accuracy(model: nn.Module, data: dict[str, Any], split: str, cfg: Config
+             ) -> tuple[float, float]:
+    """The task's accuracy on ``split`` and its standard error."""
     from spdelta.evaluate import choice_accuracy
 
     task, rows = data["task"], data[split]
-    return choice_accuracy(model, data["tok"], task.prompts(rows), list(rows["label"]),
-                           task.choices, system=task.system, batch_size=cfg.eval_batch_size,
-                           max_length=cfg.max_length, progress=True)
+    if task.kind == "lm":
+        return token_accuracy(model, data["tok"], list(rows["text"]), cfg)
+    p = choice_accuracy(model, data["tok"], task.prompts(rows), list(rows["label"]),
+                        task.choices, system=task.system, batch_size=cfg.eval_batch_size,
+                        max_length=cfg.max_length, progress=True)
+    return p, math.sqrt(p * (1 - p) / len(rows))
 
 
 # ---------------------------------------------------------------- training
@@ -282,10 +324,11 @@ def one_run(method: str, data: dict[str, Any], cfg: Config, lr: float, schedule:
     if method == "lora":  # evaluate the merged weights, as deployed (unmerged eval: 1.7x slower)
         model = model.merge_and_unload()  # type: ignore[operator]
     t_eval = time.perf_counter()
-    acc = accuracy(model, data, "val", cfg)
+    acc, se = accuracy(model, data, "val", cfg)
     last = losses[-10:]
     return model, {
-        "lr": lr, "schedule": schedule, "val_accuracy": acc, "val_n": len(data["val"]),
+        "lr": lr, "schedule": schedule, "val_accuracy": acc, "val_se": se,
+        "val_n": len(data["val"]),
         "train_s": end - t0, "setup_s": (stamps[0] if stamps else end) - t0,
         "step_s_median": statistics.median(steps) if steps else None,
         "step_s_mean": sum(steps) / len(steps) if steps else None,
@@ -300,8 +343,8 @@ def one_run(method: str, data: dict[str, Any], cfg: Config, lr: float, schedule:
 def _test(model: nn.Module, data: dict[str, Any], cfg: Config) -> dict[str, Any]:
     """The one test-set evaluation of a configuration, timed."""
     t0 = time.perf_counter()
-    acc = accuracy(model, data, "test", cfg)
-    return {"test_accuracy": acc, "test_n": len(data["test"]),
+    acc, se = accuracy(model, data, "test", cfg)
+    return {"test_accuracy": acc, "test_se": se, "test_n": len(data["test"]),
             "test_eval_s": time.perf_counter() - t0}
 
 
@@ -381,8 +424,9 @@ def sweep_child(task: str, method: str, cfg_dict: dict[str, Any], runs_dir: str
                            "train_examples": len(data["train"]),
                            **lora_rank_for(model, cfg.density, cfg.lora_rank)}
     if method == "zero_shot":
-        out.update(val_accuracy=accuracy(model, data, "val", cfg), val_n=len(data["val"]),
-                   trainable_params=0, **_test(model, data, cfg))
+        acc, se = accuracy(model, data, "val", cfg)
+        out.update(val_accuracy=acc, val_se=se, val_n=len(data["val"]), trainable_params=0,
+                   **_test(model, data, cfg))
         return {**out, "elapsed_s": time.perf_counter() - t0}
     del model
     schedules = [REFERENCE_SCHEDULE] if method == "full" else list(cfg.schedules)
@@ -405,6 +449,7 @@ def sweep_child(task: str, method: str, cfg_dict: dict[str, Any], runs_dir: str
             runs.append(run)
             if method == "full" and (best is None or run["val_accuracy"] > best[0]):
                 best = (run["val_accuracy"], model)
+                out["val_se"] = run["val_se"]
                 out.update(chosen_lr=lr, chosen_schedule=schedule)
             del model, weights
             gc.collect()

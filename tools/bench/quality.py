@@ -129,11 +129,11 @@ STEP_S = {"full": 5.8, "lora": 4.6, "speft_gradient": 5.9, "speft_magnitude": 4.
 PROBE_SLOWDOWN = 1.6
 #: Mean padded batch width of each task's training batches relative to the reviews' (72 tokens;
 #: debate statements 95.5 at max_length 96).
-LENGTH = {"sentiment": 1.0, "debates": 1.33}
+LENGTH = {"sentiment": 1.0, "debates": 1.33, "hamlet": 1.3}
 #: Seconds per evaluated row (batches of 32), per gradient-calibration example, per SPEFT top-k
 #: selection, per child process (spawn, imports, data, model) and per run.
 EVAL_S, CALIB_S, SELECT_S, CHILD_S, RUN_S = 0.23, 1.1, 10.0, 15.0, 2.0
-TEST_N = {"sentiment": 1000, "debates": 400}
+TEST_N = {"sentiment": 1000, "debates": 400, "hamlet": 100}
 
 
 def _scale(cfg: Config, task: str) -> float:
@@ -213,9 +213,14 @@ def choose(results: dict[str, dict[str, dict[str, Any]]], cfg: Config) -> dict[s
     return chosen
 
 
-def _cell(acc: float | None, n: int | None) -> str:
-    se = stderr(acc, n)
+def _cell(acc: float | None, se: float | None) -> str:
     return "-" if acc is None or se is None else f"{acc:.3f} ± {se:.3f}"
+
+
+def _se(r: dict[str, Any], split: str) -> float | None:
+    """A result's standard error: as measured (``*_se``), else binomial over its rows."""
+    se = r.get(f"{split}_se")
+    return se if se is not None else stderr(r.get(f"{split}_accuracy"), r.get(f"{split}_n"))
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -230,8 +235,8 @@ def format_table(report: dict[str, Any]) -> str:
                                      if "runs" in results[t].get(m, {}))):
             vals = [results[t].get(m, {}).get("runs", [])[i:i + 1] for t in tasks]
             accs = [v[0]["val_accuracy"] if v else None for v in vals]
-            cells = [_cell(a, v[0]["val_n"] if v else None) for a, v in zip(accs, vals,
-                                                                             strict=True)]
+            cells = [_cell(a, _se(v[0], "val") if v else None) for a, v in zip(accs, vals,
+                                                                                strict=True)]
             mean = (sum(accs) / len(accs)) if all(a is not None for a in accs) else None  # type: ignore[arg-type]
             mark = " **(default)**" if chosen.get(m, {}).get("index") == i else ""
             lines.append(f"| {m} | {run['schedule']} | {run['lr']:g} | " + " | ".join(cells)
@@ -249,7 +254,7 @@ def format_table(report: dict[str, Any]) -> str:
         cells = []
         for r in rows:
             run = r.get("chosen_run") or {}
-            cells += [_cell(r.get("test_accuracy"), r.get("test_n")),
+            cells += [_cell(r.get("test_accuracy"), _se(r, "test")),
                       "-" if run.get("step_s_median") is None else f"{run['step_s_median']:.2f}"]
         peak = report.get("memory", {}).get(m, {}).get("peak_train_mb")
         lines.append(f"| {m} | {'-' if trainable is None else f'{trainable:,}'} | "
@@ -297,6 +302,7 @@ def _resumed(out_dir: Path, report: dict[str, Any], say: Callable[[str], None]) 
             if _done(r):
                 report["results"][t][m] = {k: v for k, v in r.items()
                                            if k not in ("test_accuracy", "test_n", "test_eval_s",
+                                                        "test_se",
                                                         "chosen_run", "test_error")
                                            or m not in SWEPT}
                 say(f"resumed: {t} {m}")
@@ -342,6 +348,7 @@ def _tests(cfg: Config, out_dir: Path, report: dict[str, Any], say: Callable[[st
             results[t][m]["chosen_run"] = run
             results[t][m].update(chosen_lr=c["lr"], chosen_schedule=c["schedule"],
                                  val_accuracy=run["val_accuracy"], val_n=run["val_n"],
+                                 val_se=run.get("val_se"),
                                  trainable_params=run["trainable_params"])
             jobs[(t, m)] = run["weights"]
     for t in cfg.tasks:  # full fine-tuning's own choice, for the table's step time
