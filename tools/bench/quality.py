@@ -1,11 +1,13 @@
 """Quality benchmark: sparse fine-tuning vs LoRA and full fine-tuning on SmolLM2, two tasks.
 
 Model: SmolLM2-135M-Instruct (``spdelta.hf.assets.smollm2_checkpoint``, fp32 by
-default). Tasks (``--tasks``, ``_quality_tasks.py``): ``sentiment`` (Rotten Tomatoes
-reviews, fresh vs rotten) and ``debates`` (who said a 2016 US presidential debate
-statement: Democrat, Republican or moderator), fixed seeded splits. Accuracy is
-``spdelta.evaluate.choice_accuracy``: the choice whose first token has the largest
-next-token logit after the chat prompt (for ``sentiment`` the reading of the demo).
+default). Tasks (``--tasks``, ``_quality_tasks.py``, fixed seeded splits): ``sentiment``
+(Rotten Tomatoes reviews, fresh vs rotten; accuracy by
+``spdelta.evaluate.choice_accuracy``, the choice whose first token has the largest
+next-token logit after the chat prompt, the reading of the demo) and ``hamlet``
+(language modelling on the text of Hamlet; next-token accuracy over held-out pieces);
+``debates`` (who said a 2016 debate statement) is available, and why it is not in the
+default sweep is in ``_quality_tasks.py``.
 
 Methods (``--methods``):
   zero_shot        no training
@@ -33,13 +35,15 @@ is a linear warmup over 10 % of the steps then cosine decay to 0; the formulas o
 full fine-tuning follow them through ``LambdaLR``). Each run's accuracy on the first
 ``--val-examples`` validation rows is recorded with its standard error
 ``sqrt(p (1 - p) / n)``, and its trained weights (the delta, or LoRA's adapters) are
-saved under ``<out>/runs``.
+saved under ``<out>/runs`` with a record of the run (kept by a later sweep with the
+same run settings, so a sweep can grow in stages; see ``--no-test``). The standard
+error of a classification accuracy is binomial; Hamlet's treats pieces as the units.
 
 Choice and test: for LoRA and each sparse method, the (LR, schedule) with the best
 MEAN validation accuracy over the tasks (ties: first in grid order) is its default.
 Only then does the test phase run: that configuration's saved weights, once per task,
-on the task's test split (``--test-examples``, at most the split: 1,000 reviews, 400
-debate statements). No test number is computed for any other configuration. Full
+on the task's test split (``--test-examples``, at most the split: 1,000 reviews, 100
+Hamlet pieces). No test number is computed for any other configuration. Full
 fine-tuning is a reference chosen per task on validation (its model kept in memory and
 tested in the same child); zero-shot is tested once per task.
 
