@@ -98,6 +98,7 @@ def test_choice_is_the_best_mean_over_tasks_and_tables(quality: ModuleType) -> N
                    "lora": {"runs": [_run(lr, sc, v) for (lr, sc), v in zip(grid, vals[t],
                                                                              strict=True)]}}
                for t in ("sentiment", "debates")}
+    results["sentiment"]["lora"]["runs"].append(_run(3e-3, "constant", 0.99))  # one task only
     chosen = quality.choose(results, cfg)
     # means: 0.70, 0.65, 0.70, 0.70 -> the first of the tied best in grid order
     assert chosen == {"lora": {"lr": 1e-3, "schedule": "constant", "mean_val": 0.7, "index": 0}}
@@ -109,7 +110,8 @@ def test_choice_is_the_best_mean_over_tasks_and_tables(quality: ModuleType) -> N
     assert table[0] == "| method | schedule | LR | sentiment val | debates val | mean val |"
     assert table[2] == ("| lora | constant | 0.001 | 0.800 ± 0.040 | 0.600 ± 0.049 | 0.700 "
                         "**(default)** |")
-    assert table[3].endswith("| 0.650 |") and "(default)" not in "".join(table[3:6])
+    assert table[3].endswith("| 0.650 |") and "(default)" not in "".join(table[3:7])
+    assert table[6] == "| lora | constant | 0.003 | 0.990 ± 0.010 | - | - |"
     summary = table[table.index("") + 1:]
     assert summary[2] == "| zero_shot | 0 | 0.250 ± 0.022 | - | 0.250 ± 0.022 | - | - |"
     assert summary[3] == "| full | error: RuntimeError: boom |" + " |" * 5

@@ -58,6 +58,7 @@ class Config:
     bf16: bool = False
     cache_dir: str | None = None
     probe_steps: int = 6
+    cached_only: bool = False
 
 
 def config_from(d: dict[str, Any]) -> Config:
@@ -439,6 +440,8 @@ def sweep_child(task: str, method: str, cfg_dict: dict[str, Any], runs_dir: str
             if method != "full" and (done := _finished_run(stem, cfg)) is not None:
                 runs.append(done)  # kept from an earlier sweep with the same run settings
                 continue
+            if method != "full" and cfg.cached_only:
+                continue  # a cell the staged sweep did not run
             model, run, weights = one_run(method, data, cfg, lr, schedule, metric)
             print(f"  {task} {method} lr={lr:g} {schedule}: val {run['val_accuracy']:.3f}",
                   file=sys.stderr, flush=True)

@@ -208,9 +208,11 @@ def choose(results: dict[str, dict[str, dict[str, Any]]], cfg: Config) -> dict[s
         best: dict[str, Any] | None = None
         for i, run in enumerate(results[cfg.tasks[0]][m]["runs"]):  # the same grid order
             key = (run["lr"], run["schedule"])
-            vals = [next(r["val_accuracy"] for r in results[t][m]["runs"]
-                         if (r["lr"], r["schedule"]) == key) for t in cfg.tasks]
-            mean = sum(vals) / len(vals)
+            vals = [next((r["val_accuracy"] for r in results[t][m]["runs"]
+                          if (r["lr"], r["schedule"]) == key), None) for t in cfg.tasks]
+            if any(v is None for v in vals):
+                continue  # not run on every task
+            mean = sum(v for v in vals if v is not None) / len(vals)
             if best is None or mean > best["mean_val"]:
                 best = {"lr": key[0], "schedule": key[1], "mean_val": mean, "index": i}
         chosen[m] = best
@@ -219,6 +221,11 @@ def choose(results: dict[str, dict[str, dict[str, Any]]], cfg: Config) -> dict[s
 
 def _cell(acc: float | None, se: float | None) -> str:
     return "-" if acc is None or se is None else f"{acc:.3f} ± {se:.3f}"
+
+
+def _find_run(result: dict[str, Any], key: tuple[float, str]) -> dict[str, Any] | None:
+    """The run of ``(lr, schedule)`` in a sweep child's result, if it ran."""
+    return next((r for r in result.get("runs", []) if (r["lr"], r["schedule"]) == key), None)
 
 
 def _se(r: dict[str, Any], split: str) -> float | None:
@@ -235,14 +242,16 @@ def format_table(report: dict[str, Any]) -> str:
              + " | mean val |", "|" + "---|" * (4 + len(tasks))]
     methods = [m for m in METHODS if any("runs" in results[t].get(m, {}) for t in tasks)]
     for m in methods:
-        for i, run in enumerate(next(results[t][m]["runs"] for t in tasks
-                                     if "runs" in results[t].get(m, {}))):
-            vals = [results[t].get(m, {}).get("runs", [])[i:i + 1] for t in tasks]
-            accs = [v[0]["val_accuracy"] if v else None for v in vals]
-            cells = [_cell(a, _se(v[0], "val") if v else None) for a, v in zip(accs, vals,
-                                                                                strict=True)]
-            mean = (sum(accs) / len(accs)) if all(a is not None for a in accs) else None  # type: ignore[arg-type]
-            mark = " **(default)**" if chosen.get(m, {}).get("index") == i else ""
+        for run in next(results[t][m]["runs"] for t in tasks if "runs" in results[t].get(m, {})):
+            key = (run["lr"], run["schedule"])
+            found = [_find_run(results[t].get(m, {}), key) for t in tasks]
+            accs = [r["val_accuracy"] if r else None for r in found]
+            cells = [_cell(a, _se(r, "val") if r else None) for a, r in zip(accs, found,
+                                                                             strict=True)]
+            mean = (sum(a for a in accs if a is not None) / len(accs)
+                    if all(a is not None for a in accs) else None)
+            c = chosen.get(m, {})
+            mark = " **(default)**" if (c.get("lr"), c.get("schedule")) == key else ""
             lines.append(f"| {m} | {run['schedule']} | {run['lr']:g} | " + " | ".join(cells)
                          + f" | {'-' if mean is None else f'{mean:.3f}'}{mark} |")
     lines += ["", "| method | trainable params | " + " | ".join(
@@ -348,7 +357,8 @@ def _tests(cfg: Config, out_dir: Path, report: dict[str, Any], say: Callable[[st
     jobs = {}
     for m, c in chosen.items():
         for t in cfg.tasks:
-            run = results[t][m]["runs"][c["index"]]
+            run = _find_run(results[t][m], (c["lr"], c["schedule"]))
+            assert run is not None  # choose() takes only runs made on every task
             results[t][m]["chosen_run"] = run
             results[t][m].update(chosen_lr=c["lr"], chosen_schedule=c["schedule"],
                                  val_accuracy=run["val_accuracy"], val_n=run["val_n"],
@@ -447,6 +457,8 @@ def parse(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
                    help="keep the finished sweep children of an earlier run in --out")
     p.add_argument("--no-test", action="store_true",
                    help="stop after the validation sweep and the choice (no test split)")
+    p.add_argument("--cached-only", action="store_true",
+                   help="LoRA and sparse methods: only the runs an earlier sweep recorded")
     a = p.parse_args(argv)
     methods, tasks = tuple(a.methods.split(",")), tuple(a.tasks.split(","))
     schedules = tuple(a.schedules.split(","))
@@ -469,7 +481,7 @@ def parse(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     keys = ("steps", "batch_size", "max_length", "val_examples", "test_examples",
             "eval_batch_size", "density", "lora_rank", "calibration_examples",
             "spiel_update_every", "spiel_accumulate_steps", "seed", "threads", "jobs", "bf16",
-            "cache_dir", "probe_steps")
+            "cache_dir", "probe_steps", "cached_only")
     cfg = Config(tasks=tasks, methods=methods, schedules=schedules,
                  lrs={m: lrs[m] for m in methods if m in lrs},
                  **{k: getattr(a, k) for k in keys})
