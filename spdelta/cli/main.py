@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
 import sys
 import traceback
@@ -10,6 +11,7 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from spdelta.errors import SpdeltaError
+from spdelta.quant.nf4 import torchao_hidden
 
 __all__ = ["build_parser", "main", "merge_main"]
 
@@ -66,8 +68,12 @@ def _dispatch(parser: argparse.ArgumentParser, argv: Sequence[str] | None, comma
     except SystemExit as exc:  # argparse: 0 for --help, 2 for usage errors
         return exc.code if isinstance(exc.code, int) else 2
     args._command = command + " " + shlex.join(argv)  # recorded in output provenance
+    # torchao only for NF4: importing it (transformers does, when it is installed) prints
+    # library-load lines and pytree warnings that are noise for every other command.
+    quiet = contextlib.nullcontext() if getattr(args, "nf4", False) else torchao_hidden()
     try:
-        return int(args._run(args))
+        with quiet:
+            return int(args._run(args))
     except (SpdeltaError, OSError) as exc:
         if args.debug:
             traceback.print_exc()

@@ -24,6 +24,7 @@ def resolve_names(
     *,
     prefixes: Iterable[str] = (),
     aliases: Mapping[str, str] | None = None,
+    hint: str = "Use the base model the delta was made for.",
 ) -> dict[str, str]:
     """Map each delta name to the one target name it addresses.
 
@@ -36,6 +37,7 @@ def resolve_names(
         targets: Names of the tensors that exist (model parameters, checkpoint keys).
         prefixes: Prefixes to try, e.g. ``("model.",)`` (HF ``base_model_prefix`` + ".").
         aliases: Alias name -> canonical target name, for tied weights.
+        hint: The last sentence of the error message (what the names should be).
 
     Returns:
         Delta name -> target name.
@@ -65,7 +67,7 @@ def resolve_names(
         raise KeyMismatchError(
             f"delta tensors do not match the model: {len(unmatched)} unmatched "
             f"[{format_names(unmatched)}], {len(ambiguous)} ambiguous [{format_names(ambiguous)}]. "
-            "Use the base model the delta was made for."
+            + hint
         )
     seen: dict[str, str] = {}
     for name, target in out.items():

@@ -6,22 +6,35 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from spdelta.delta import SparseDelta
-from spdelta.errors import BaseMismatchError, OutputExistsError, ShapeError, SpdeltaError
+from spdelta.errors import (
+    BaseMismatchError,
+    KeyMismatchError,
+    OutputExistsError,
+    ShapeError,
+    SpdeltaError,
+)
 from spdelta.format.constants import KEY_FINGERPRINT
 from spdelta.functional import add_at
 from spdelta.hf._names import resolve_names
-from spdelta.hf.model import combine_samples, fingerprint_sample
+from spdelta.hf.layout import CheckpointLayout
+from spdelta.hf.model import (
+    resolve_delta,
+    combine_samples,
+    fingerprint_sample,
+    model_delta,
+    model_prefixes,
+)
 
 __all__ = ["CheckpointError", "apply_to_checkpoint", "checkpoint_shards"]
 
@@ -74,18 +87,33 @@ def checkpoint_shards(path: str | os.PathLike[str]) -> dict[str, list[str]]:
     )
 
 
-def _tied_aliases(path: Path, keys: set[str]) -> tuple[dict[str, str], list[str]]:
-    """Tied aliases (mapped onto the names stored on disk) and prefixes, from the config."""
-    try:
-        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+def _meta_model(path: Path) -> nn.Module | None:
+    """The model of ``path``'s config on the ``meta`` device (no weights), or ``None``.
 
-        config = AutoConfig.from_pretrained(str(path))
-        with torch.device("meta"):
-            try:
-                model = AutoModelForCausalLM.from_config(config)
-            except ValueError:
-                model = AutoModel.from_config(config)
+    The config's own architecture class first (``T5ForConditionalGeneration`` has the
+    ``lm_head`` alias that ``T5Model`` lacks), then a causal LM, then the base model.
+    """
+    try:
+        import transformers
+
+        config = transformers.AutoConfig.from_pretrained(str(path))
     except Exception:  # no or unknown config: names must then match the keys exactly
+        return None
+    named = [getattr(transformers, a, None) for a in (getattr(config, "architectures", None) or [])]
+    builders = [*(c for c in named if c is not None), transformers.AutoModelForCausalLM.from_config,
+                transformers.AutoModel.from_config]
+    with torch.device("meta"):
+        for build in builders:
+            try:
+                return build(config)  # type: ignore[no-any-return]
+            except Exception:  # not this class for this config: try the next
+                continue
+    return None
+
+
+def _tied_aliases(model: nn.Module | None, keys: set[str]) -> tuple[dict[str, str], list[str]]:
+    """Tied aliases (mapped onto the names stored on disk) and prefixes of ``model``."""
+    if model is None:
         return {}, []
     groups: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -96,8 +124,53 @@ def _tied_aliases(path: Path, keys: set[str]) -> tuple[dict[str, str], list[str]
         for n in names:
             if stored and n != stored[0]:
                 aliases[n] = stored[0]
-    prefix = getattr(model, "base_model_prefix", "")
-    return aliases, [prefix + "."] if prefix else []
+    return aliases, model_prefixes(model)
+
+
+class _Disk(Mapping[str, Tensor]):
+    """Checkpoint tensors by name, each read from its shard when asked for."""
+
+    def __init__(self, root: Path, shards: dict[str, list[str]]) -> None:
+        self.root, self.where = root, {k: s for s, ks in shards.items() for k in ks}
+
+    def __getitem__(self, key: str) -> Tensor:
+        with safe_open(str(self.root / self.where[key]), framework="pt") as f:
+            return f.get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.where)
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+
+def _on_disk_layout(model: nn.Module | None, delta: SparseDelta, keys: set[str], disk: _Disk,
+                    error: KeyMismatchError) -> tuple[SparseDelta, dict[str, bytes]]:
+    """``delta`` in the layout the checkpoint stores, and fingerprint samples of its own layout.
+
+    A delta in the model's layout (fused experts) goes to a per-expert checkpoint and a
+    delta in checkpoint names to a fused one; the samples are of the base tensors in the
+    delta's own names and layout, as its fingerprint was computed.
+    """
+    if model is None:
+        raise error
+    layout = CheckpointLayout(model)
+    in_model = model_delta(model, delta)
+    stored_as_model = set(in_model.keys()) <= keys
+    out = in_model if stored_as_model else layout.to_checkpoint(in_model)
+    samples = {}
+    if delta.metadata.get(KEY_FINGERPRINT) is not None:
+        mapping = resolve_delta(model, delta.keys())[0]
+        by_model = {t: n for n, t in mapping.items() if t in layout.model_shapes}
+        by_ckpt = {t: n for n, t in mapping.items() if t not in layout.model_shapes}
+        if stored_as_model:
+            got = {**{by_model[m]: disk[m] for m in by_model},
+                   **{by_ckpt[c]: t for c, t in layout.checkpoint_tensors(disk, by_ckpt)}}
+        else:
+            got = {**{by_ckpt[c]: disk[c] for c in by_ckpt},
+                   **{by_model[m]: t for m, t in layout.model_tensors(disk, by_model)}}
+        samples = {n: fingerprint_sample(n, t) for n, t in got.items()}
+    return out, samples
 
 
 @contextmanager
@@ -154,8 +227,11 @@ def apply_to_checkpoint(
 
     Args:
         base: Directory of a safetensors checkpoint (single file or sharded).
-        delta: The sparse delta; names may omit or carry the model prefix, and may
-            name either tensor of a tied pair.
+        delta: The sparse delta; names may omit or carry the model prefix, may
+            name either tensor of a tied pair, and may be in the model's layout or
+            the checkpoint's (fused or per-expert MoE weights; see
+            :class:`spdelta.hf.layout.CheckpointLayout`): entries are mapped onto the
+            tensors the directory stores.
         out: Output directory.
         alpha: Scale of the delta.
         overwrite: Replace ``out`` if it exists.
@@ -179,10 +255,16 @@ def apply_to_checkpoint(
     root, out_path = Path(base), Path(out)
     shards = checkpoint_shards(root)
     keys = {k for names in shards.values() for k in names}
-    aliases, prefixes = _tied_aliases(root, keys)
-    mapping = resolve_names(delta.keys(), keys, prefixes=prefixes, aliases=aliases)
-    by_key = {key: name for name, key in mapping.items()}
+    model = _meta_model(root)
+    aliases, prefixes = _tied_aliases(model, keys)
     samples: dict[str, bytes] = {}  # a few KiB per tensor, for the fingerprint
+    sample = True
+    try:
+        mapping = resolve_names(delta.keys(), keys, prefixes=prefixes, aliases=aliases)
+    except KeyMismatchError as e:
+        delta, samples = _on_disk_layout(model, delta, keys, _Disk(root, shards), e)
+        mapping, sample = resolve_names(delta.keys(), keys, prefixes=prefixes, aliases=aliases), False
+    by_key = {key: name for name, key in mapping.items()}
     with _atomic_dir(out_path, overwrite) as tmp:
         for shard, names in tqdm(shards.items(), desc="apply", unit="shard", disable=not progress):
             tensors = {}
@@ -191,7 +273,8 @@ def apply_to_checkpoint(
                 for key in names:
                     t = f.get_tensor(key)
                     if key in by_key:
-                        samples[by_key[key]] = fingerprint_sample(by_key[key], t)
+                        if sample:
+                            samples[by_key[key]] = fingerprint_sample(by_key[key], t)
                         t = _patched(t, key, by_key[key], delta, alpha)
                     tensors[key] = t
             (tmp / shard).parent.mkdir(parents=True, exist_ok=True)

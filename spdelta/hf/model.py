@@ -11,10 +11,11 @@ import torch
 from torch import Tensor, nn
 
 from spdelta.delta import SparseDelta
-from spdelta.errors import BaseMismatchError, ShapeError
+from spdelta.errors import BaseMismatchError, KeyMismatchError, ShapeError, format_names
 from spdelta.format.constants import KEY_FINGERPRINT
 from spdelta.functional import accumulate_dtype
 from spdelta.hf._names import resolve_names
+from spdelta.hf.layout import CheckpointLayout
 
 __all__ = [
     "BaseMismatchError",
@@ -22,6 +23,7 @@ __all__ = [
     "combine_samples",
     "fingerprint",
     "fingerprint_sample",
+    "model_delta",
     "model_prefixes",
     "remove_from_model",
     "tied_aliases",
@@ -97,28 +99,102 @@ def combine_samples(samples: Mapping[str, bytes]) -> str:
     return "sha256:" + h.hexdigest()[:16]
 
 
-def _targets(model: nn.Module, delta: SparseDelta) -> dict[str, Tensor]:
+def resolve_delta(model: nn.Module, names: Iterable[str]
+                  ) -> tuple[dict[str, str], CheckpointLayout | None]:
+    """Delta name -> the parameter, or the checkpoint tensor, it names (and the layout, if used).
+
+    Names are first matched against the parameters (prefixes, tied aliases); only when
+    some do not match is the checkpoint layout built and its names tried too.
+    """
+    names = list(names)
     params = dict(model.named_parameters())
-    mapping = resolve_names(
-        delta.keys(), params, prefixes=model_prefixes(model), aliases=tied_aliases(model)
-    )
-    out: dict[str, Tensor] = {}
+    prefixes, aliases = model_prefixes(model), tied_aliases(model)
+    try:
+        return resolve_names(names, params, prefixes=prefixes, aliases=aliases), None
+    except KeyMismatchError:
+        layout = CheckpointLayout(model)
+        if layout.is_identity:
+            raise
+    hint = (f"The model's parameters are named like [{format_names(params, 3)}] and its "
+            f"checkpoint's tensors like [{format_names(layout.converted or layout.checkpoint_shapes, 3)}]; "
+            "use the base model the delta was made for.")
+    known = set(params) | set(layout.checkpoint_shapes)
+    return resolve_names(names, known, prefixes=prefixes, aliases=aliases, hint=hint), layout
+
+
+def _check_shape(name: str, found: tuple[int, ...], target: str, shape: tuple[int, ...]) -> None:
+    if tuple(shape) != found:
+        raise ShapeError(
+            f"{name!r}: the delta is for shape {list(found)} but the model's {target!r} has "
+            f"{list(shape)}; use the base model the delta was made for."
+        )
+
+
+def model_delta(model: nn.Module, delta: SparseDelta) -> SparseDelta:
+    """``delta`` in ``model``'s own parameter names and layout.
+
+    Delta names may carry or omit the model's prefix, name either tensor of a tied pair,
+    or be checkpoint names (what ``save_pretrained`` writes: for Mixtral,
+    ``block_sparse_moe.experts.3.w1.weight`` for part of the fused parameter
+    ``mlp.experts.gate_up_proj``); see :class:`spdelta.hf.layout.CheckpointLayout`.
+
+    Args:
+        model: The model.
+        delta: A delta in model or checkpoint names (or a mix of both).
+
+    Returns:
+        The same entries keyed by ``model.named_parameters()`` names, laid out as the
+        parameters are; metadata kept.
+
+    Raises:
+        KeyMismatchError: A name matches nothing (the message shows both layouts' names),
+            or two delta names address the same parameter.
+        ShapeError: A delta shape differs from its tensor's.
+
+    Example:
+        >>> lin = torch.nn.Linear(2, 2)
+        >>> d = SparseDelta({"weight": ((2, 2), torch.tensor([1]), torch.tensor([1.0]))})
+        >>> model_delta(lin, d).keys()
+        ['weight']
+    """
+    mapping, layout = resolve_delta(model, delta.keys())
+    params = dict(model.named_parameters())
+    direct, via = {}, {}
     for name, target in mapping.items():
-        if tuple(params[target].shape) != delta[name].shape:
-            raise ShapeError(
-                f"{name!r}: the delta is for shape {list(delta[name].shape)} but the "
-                f"model's {target!r} has {list(params[target].shape)}; use the base "
-                "model the delta was made for."
-            )
-        out[name] = params[target]
+        if target in params:
+            _check_shape(name, delta[name].shape, target, tuple(params[target].shape))
+            direct[target] = delta[name]
+        elif layout is not None:
+            _check_shape(name, delta[name].shape, target, layout.checkpoint_shapes[target])
+            via[target] = delta[name]
+    out = dict(direct)
+    if via and layout is not None:
+        for target, entry in layout.to_model(SparseDelta._trusted(via, {})).items():
+            if target in out:
+                raise KeyMismatchError(
+                    f"the delta names {target!r} both directly and through checkpoint "
+                    "tensors; a delta must name each tensor once (spec §6). Compose them.")
+            out[target] = entry
+    return SparseDelta._trusted(out, delta.metadata)
+
+
+def _base_tensors(model: nn.Module, delta: SparseDelta) -> dict[str, Tensor]:
+    """Delta name -> the base tensor it addresses, in the delta's own layout."""
+    mapping, layout = resolve_delta(model, delta.keys())
+    params = dict(model.named_parameters())
+    out = {n: params[t] for n, t in mapping.items() if t in params}
+    via = {t: n for n, t in mapping.items() if t not in params}
+    if via and layout is not None:
+        out.update({via[c]: t for c, t in layout.checkpoint_tensors(names=via)})
     return out
 
 
-def _check_base(delta: SparseDelta, targets: Mapping[str, Tensor]) -> None:
+def _check_base(model: nn.Module, delta: SparseDelta) -> None:
     expected = delta.metadata.get(KEY_FINGERPRINT)
     if expected is None:
         return
-    found = fingerprint(targets, targets)
+    base = _base_tensors(model, delta)
+    found = fingerprint(base, base)
     if found != expected:
         raise BaseMismatchError(
             f"base model fingerprint: the delta was made for {expected}, this model is {found}; "
@@ -138,10 +214,10 @@ class _Applied(NamedTuple):
 _APPLIED: weakref.WeakKeyDictionary[nn.Module, list[_Applied]] = weakref.WeakKeyDictionary()
 
 
-def _add(model: nn.Module, delta: SparseDelta, alpha: float, check_base: bool) -> _Applied:
-    targets = _targets(model, delta)
-    if check_base:
-        _check_base(delta, targets)
+def _add(model: nn.Module, delta: SparseDelta, alpha: float) -> _Applied:
+    """Add ``alpha * delta`` (in model names and layout) in place; what was displaced."""
+    params = dict(model.named_parameters())
+    targets = {n: params[n] for n in delta.keys()}
     original, applied = {}, {}
     with torch.no_grad():
         for name, p in targets.items():
@@ -157,7 +233,8 @@ def _add(model: nn.Module, delta: SparseDelta, alpha: float, check_base: bool) -
 
 def _restore(model: nn.Module, record: _Applied) -> bool:
     """Put back the displaced entries if the model still holds what was applied."""
-    targets = _targets(model, record.delta)
+    params = dict(model.named_parameters())
+    targets = {n: params[n] for n in record.delta.keys()}
     idx = {n: record.delta[n].indices.to(p.device) for n, p in targets.items()}
     if not all(torch.equal(p.view(-1)[idx[n]], record.applied[n]) for n, p in targets.items()):
         return False
@@ -172,9 +249,11 @@ def apply_to_model(
 ) -> nn.Module:
     """Add ``alpha * delta`` to ``model``'s parameters in place and return ``model``.
 
-    Delta names may carry or omit the model's ``base_model_prefix`` and may name
-    either tensor of a tied pair (it is then applied once, to the shared storage).
-    Each touched entry is summed in fp32 (fp64 for fp64 weights) and cast back,
+    Delta names may carry or omit the model's ``base_model_prefix``, may name
+    either tensor of a tied pair (it is then applied once, to the shared storage),
+    and may be the checkpoint's names and layout instead of the model's (a delta
+    trained or extracted on a Mixtral checkpoint names ``...experts.3.w1.weight``;
+    see :func:`model_delta`). Each touched entry is summed in fp32 (fp64 for fp64 weights) and cast back,
     as ``apply_delta`` does; only the touched entries are materialised.
 
     Args:
@@ -197,7 +276,9 @@ def apply_to_model(
         >>> apply_to_model(model, d).weight.tolist()
         [[0.0, 3.0], [0.0, 0.0]]
     """
-    _APPLIED.setdefault(model, []).append(_add(model, delta, alpha, check_base))
+    if check_base:
+        _check_base(model, delta)
+    _APPLIED.setdefault(model, []).append(_add(model, model_delta(model, delta), alpha))
     return model
 
 
@@ -225,11 +306,12 @@ def remove_from_model(model: nn.Module, delta: SparseDelta, *, alpha: float = 1.
         >>> torch.equal(remove_from_model(apply_to_model(model, d), d).weight, before)
         True
     """
+    delta = model_delta(model, delta)
     records = _APPLIED.get(model, [])
     for i in range(len(records) - 1, -1, -1):
         r = records[i]
         if r.alpha == alpha and r.delta == delta and _restore(model, r):
             del records[i]
             return model
-    _add(model, delta, -alpha, check_base=False)
+    _add(model, delta, -alpha)
     return model

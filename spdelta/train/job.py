@@ -240,6 +240,9 @@ class _Run:
     base: dict[str, torch.Tensor]
     shapes: dict[str, tuple[int, ...]]
     fingerprint: str
+    layout: Any  # spdelta.hf.layout.CheckpointLayout: the delta is written in checkpoint names
+    left_out: dict[str, list[str]]  # what 'all-linear' skipped, by kind
+    reference: list[str]  # targets that take the reference path (no fast kernel)
 
     def shard(self, batch: Batch) -> dict[str, Any]:
         """This rank's share of a global batch, on the job's device."""
@@ -255,8 +258,10 @@ def _setup(cfg: TrainConfig, say: Callable[[str], None]) -> _Run:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from spdelta.dist import init_from_env
-    from spdelta.hf import fingerprint
-    from spdelta.targets import resolve_targets
+    from spdelta.hf.layout import CheckpointLayout
+    from spdelta.hf.model import combine_samples, fingerprint_sample
+    from spdelta.kernels import LinearRouter
+    from spdelta.targets import ALL_LINEAR, left_out, resolve_targets
 
     env = init_from_env(backend="gloo" if cfg.device == "cpu" else None)
     world, device = env.world_size, _device(cfg, env)
@@ -275,14 +280,37 @@ def _setup(cfg: TrainConfig, say: Callable[[str], None]) -> _Run:
                              "SpIEL-AG; drop --fsdp to train data-parallel instead.")
     base = {n: p.detach() for n, p in model.named_parameters()}
     names = resolve_targets(model, cfg.targets)
+    layout = CheckpointLayout(model)
+    on_disk = layout.checkpoint_names(names)  # the fingerprint covers the delta's tensors
     run = _Run(env.rank, world, device, say if env.rank == 0 else (lambda _: None), model, data,
                _total_steps(cfg, data), base, {n: tuple(base[n].shape) for n in names},
-               fingerprint(base, names))
+               combine_samples({n: fingerprint_sample(n, t)
+                                for n, t in layout.checkpoint_tensors(base, on_disk)}),
+               layout, left_out(model, names) if cfg.targets == ALL_LINEAR else {},
+               sorted(set(names) - LinearRouter(model).names))
     run.speak(f"model {cfg.model}: {len(names)} target tensors, "
               f"{sum(math.prod(s) for s in run.shapes.values()):,} target entries; data "
               f"{cfg.data}: {data.n} rows ({data.format}), {run.total} steps of {cfg.batch_size}"
               + (f" on {world} ranks" if world > 1 else "") + f", on {device}")
+    _say_targets(run, names)
     return run
+
+
+def _say_targets(run: _Run, names: list[str]) -> None:
+    """Log what the targets hold, what 'all-linear' left out, and what takes the slow path."""
+    experts = [n for n in names if len(run.shapes[n]) == 3]
+    if experts:
+        run.speak(f"targets include {len(experts)} fused expert tensors "
+                  f"({sum(math.prod(run.shapes[n]) for n in experts):,} entries)")
+    if run.left_out:
+        kinds = ", ".join(f"{len(v)} {k}" for k, v in sorted(run.left_out.items()))
+        run.speak(f"all-linear left out {kinds} weights (name them in --targets to train "
+                  f"them): {', '.join(n for v in run.left_out.values() for n in v[:3])}"
+                  + (" ..." if any(len(v) > 3 for v in run.left_out.values()) else ""))
+    if run.reference:
+        run.speak(f"reference path (a dense merge each step, no fast kernel) for "
+                  f"{len(run.reference)} of {len(names)} targets: {', '.join(run.reference[:6])}"
+                  + (" ..." if len(run.reference) > 6 else ""))
 
 
 def _start(cfg: TrainConfig, run: _Run, ckpt: Path, job: dict[str, Any] | None
@@ -371,8 +399,10 @@ def train_job(cfg: TrainConfig, *, say: Callable[[str], None] = print) -> dict[s
        accumulators, torch RNG, step = data position) is saved atomically with
        ``torch.distributed.checkpoint`` under ``checkpoint_dir``; ``resume`` continues
        from it and ends with the same delta, bit for bit, as an uninterrupted run.
-    4. Write the delta (metadata: base model, fingerprint, method and settings), the
-       JSON log (config, one record per step, summary) and the loss-curve PNG.
+    4. Write the delta (metadata: base model, fingerprint, method and settings) in the
+       names and layout of the checkpoint directory (per-expert tensors of a
+       mixture-of-experts model, as ``save_pretrained`` writes them), the JSON log
+       (config, one record per step, summary) and the loss-curve PNG.
 
     Under ``torchrun`` every rank runs this function: each takes its share of every
     global batch, gradients and salience are averaged over ranks, supports are
@@ -384,7 +414,9 @@ def train_job(cfg: TrainConfig, *, say: Callable[[str], None] = print) -> dict[s
 
     Returns:
         A summary dict: ``steps``, ``finished`` (False when ``stop_after`` stopped it),
-        ``loss_first``, ``loss_last``, ``nnz``, ``seconds``, ``tokens_per_s`` and paths.
+        ``loss_first``, ``loss_last``, ``nnz``, ``seconds``, ``tokens_per_s``, paths,
+        ``targets_left_out`` (kind -> weights ``all-linear`` skipped: embeddings, norms,
+        the output layer, routers) and ``reference_path`` (targets without a fast kernel).
 
     Raises:
         ParameterError, DataError, OutputExistsError: Bad settings or data.
@@ -413,7 +445,8 @@ def train_job(cfg: TrainConfig, *, say: Callable[[str], None] = print) -> dict[s
                "seconds": time.perf_counter() - t_start, "train_seconds_this_run": train_s,
                "tokens_per_s": tokens_run / train_s if train_s > 0 else 0.0,
                "world_size": run.world, "device": str(run.device), "delta": str(Path(cfg.output)),
-               "checkpoint": str(ckpt)}
+               "checkpoint": str(ckpt), "targets_left_out": run.left_out,
+               "reference_path": run.reference}
     if not finished:
         run.speak(f"stopped at step {state.step} of {run.total}; checkpoint in {ckpt}. "
                   "Continue with the same command and --resume.")
