@@ -46,7 +46,8 @@ def budget(
 
     Budgets: ``density`` -> ``floor(density * numel + 0.5)``; ``k`` -> ``k``;
     ``lora_rank=r`` -> ``sum(r * (rows + cols))`` over the 2-D tensors (one term per
-    expert of a 3-D expert tensor; per tensor: that tensor's terms). Every budget is capped at the number of entries it draws from.
+    expert of a 3-D expert tensor; per tensor: that tensor's terms). Every budget is
+    capped at the number of entries it draws from.
 
     Args:
         shapes: Name -> dense shape.

@@ -44,12 +44,12 @@ def _is_weight(name: str, t: Tensor) -> bool:
 
 
 def _module_of(name: str) -> str:
-    """The module name of weight ``name``: ``a.b.weight`` -> ``a.b``; ``a.experts.w`` -> ``a.experts``."""
+    """The module of a weight: ``a.b.weight`` -> ``a.b``, ``a.experts.w`` -> ``a.experts``."""
     return name.rsplit(".", 1)[0] if "." in name else ""
 
 
 def _keys(name: str) -> tuple[str, ...]:
-    """The names a target spec matches for weight ``name``: its module's, and its own if not ``weight``."""
+    """Names a target spec matches for weight ``name``: its module's; its own if not ``weight``."""
     if name == "weight" or name.endswith(".weight"):
         return (name[: -len(".weight")] if name != "weight" else "",)
     return (name, _module_of(name))
@@ -80,8 +80,8 @@ def _weights(model_or_params: nn.Module | Mapping[str, Tensor]) -> dict[str, str
 
 
 def _classify(model_or_params: nn.Module | Mapping[str, Tensor]) -> dict[str, str]:
-    """Canonical weight name -> ``linear``, ``expert``, ``router``, ``embedding``, ``output``,
-    ``norm`` or ``other``."""
+    """Canonical weight name -> its kind (see :func:`left_out`)."""
+    tensors: dict[str, Tensor]
     if isinstance(model_or_params, nn.Module):
         model = model_or_params
         tensors = dict(model.named_parameters())
@@ -198,7 +198,8 @@ def resolve_targets(
     """
     weights = _weights(model_or_params)
     if isinstance(targets, str) and targets == ALL_LINEAR:
-        found = [n for n, kind in _classify(model_or_params).items() if kind in ("linear", "expert")]
+        kinds = _classify(model_or_params)
+        found = [n for n, kind in kinds.items() if kind in ("linear", "expert")]
         how = "'all-linear' (linear layers and experts other than the output layer)"
     elif isinstance(targets, str):
         try:

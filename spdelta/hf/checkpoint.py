@@ -29,11 +29,11 @@ from spdelta.functional import add_at
 from spdelta.hf._names import resolve_names
 from spdelta.hf.layout import CheckpointLayout
 from spdelta.hf.model import (
-    resolve_delta,
     combine_samples,
     fingerprint_sample,
     model_delta,
     model_prefixes,
+    resolve_delta,
 )
 
 __all__ = ["CheckpointError", "apply_to_checkpoint", "checkpoint_shards"]
@@ -263,7 +263,8 @@ def apply_to_checkpoint(
         mapping = resolve_names(delta.keys(), keys, prefixes=prefixes, aliases=aliases)
     except KeyMismatchError as e:
         delta, samples = _on_disk_layout(model, delta, keys, _Disk(root, shards), e)
-        mapping, sample = resolve_names(delta.keys(), keys, prefixes=prefixes, aliases=aliases), False
+        mapping = resolve_names(delta.keys(), keys, prefixes=prefixes, aliases=aliases)
+        sample = False
     by_key = {key: name for name, key in mapping.items()}
     with _atomic_dir(out_path, overwrite) as tmp:
         for shard, names in tqdm(shards.items(), desc="apply", unit="shard", disable=not progress):

@@ -261,7 +261,8 @@ class CheckpointLayout:
 
     def model_tensors(self, checkpoint: Mapping[str, Tensor],
                       names: Iterable[str] | None = None) -> Iterator[tuple[str, Tensor]]:
-        """Yield ``(model name, tensor)`` built from checkpoint tensors as ``from_pretrained`` would.
+        """Yield ``(model name, tensor)`` built from checkpoint tensors, as loading does.
+
 
         Args:
             checkpoint: Checkpoint name -> tensor; a lazy mapping works.

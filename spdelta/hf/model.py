@@ -115,8 +115,9 @@ def resolve_delta(model: nn.Module, names: Iterable[str]
         layout = CheckpointLayout(model)
         if layout.is_identity:
             raise
+    examples = layout.converted or layout.checkpoint_shapes
     hint = (f"The model's parameters are named like [{format_names(params, 3)}] and its "
-            f"checkpoint's tensors like [{format_names(layout.converted or layout.checkpoint_shapes, 3)}]; "
+            f"checkpoint's tensors like [{format_names(examples, 3)}]; "
             "use the base model the delta was made for.")
     known = set(params) | set(layout.checkpoint_shapes)
     return resolve_names(names, known, prefixes=prefixes, aliases=aliases, hint=hint), layout
@@ -181,7 +182,7 @@ def model_delta(model: nn.Module, delta: SparseDelta) -> SparseDelta:
 def _base_tensors(model: nn.Module, delta: SparseDelta) -> dict[str, Tensor]:
     """Delta name -> the base tensor it addresses, in the delta's own layout."""
     mapping, layout = resolve_delta(model, delta.keys())
-    params = dict(model.named_parameters())
+    params: dict[str, Tensor] = dict(model.named_parameters())
     out = {n: params[t] for n, t in mapping.items() if t in params}
     via = {t: n for n, t in mapping.items() if t not in params}
     if via and layout is not None:
@@ -253,7 +254,8 @@ def apply_to_model(
     either tensor of a tied pair (it is then applied once, to the shared storage),
     and may be the checkpoint's names and layout instead of the model's (a delta
     trained or extracted on a Mixtral checkpoint names ``...experts.3.w1.weight``;
-    see :func:`model_delta`). Each touched entry is summed in fp32 (fp64 for fp64 weights) and cast back,
+    see :func:`model_delta`). Each touched entry is summed in fp32 (fp64 for fp64 weights)
+    and cast back,
     as ``apply_delta`` does; only the touched entries are materialised.
 
     Args:

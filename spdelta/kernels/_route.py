@@ -1,4 +1,4 @@
-"""Route delta'd ``nn.Linear`` and ``Conv1D`` weights to the sparse-delta linear in ``functional_call``."""
+"""Route delta'd ``nn.Linear`` and ``Conv1D`` weights to the sparse-delta linear kernel."""
 
 from __future__ import annotations
 

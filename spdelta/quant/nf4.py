@@ -64,9 +64,9 @@ def torchao_hidden() -> Iterator[None]:
         if "torchao" in sys.modules and sys.modules["torchao"] is None:
             del sys.modules["torchao"]
         checks = sys.modules.get("transformers.utils.import_utils")
-        cached = getattr(checks, "is_torchao_available", None)
-        if hasattr(cached, "cache_clear"):
-            cached.cache_clear()
+        cache_clear = getattr(getattr(checks, "is_torchao_available", None), "cache_clear", None)
+        if callable(cache_clear):
+            cache_clear()
 
 
 def is_nf4(t: object) -> bool:
