@@ -12,8 +12,9 @@ from torch.func import functional_call
 
 from spdelta.delta import SparseDelta
 from spdelta.errors import KeyMismatchError, ShapeError, SpdeltaError, format_names
-from spdelta.kernels import LinearRouter
+from spdelta.kernels import ExpertsRouter, LinearRouter
 from spdelta.kernels._linear import merge_weight
+from spdelta.quant.nf4 import is_nf4
 from spdelta.types import Params, Support, Values
 
 __all__ = ["accumulate_dtype", "add_at", "apply_delta", "make_loss_fn"]
@@ -189,7 +190,8 @@ def make_loss_fn(
     if impl not in ("fast", "reference"):
         raise SpdeltaError(f"impl must be 'fast' or 'reference'; got {impl!r}.")
     buffers = dict(model.named_buffers())
-    router = LinearRouter(model) if impl == "fast" else None
+    routers: list[LinearRouter | ExpertsRouter] = (
+        [LinearRouter(model), ExpertsRouter(model)] if impl == "fast" else [])
 
     def loss_fn(values: Values, base: Params, support: Support, batch: Mapping[str, Any]) -> Tensor:
         if values.keys() != support.keys():
@@ -201,10 +203,14 @@ def make_loss_fn(
         if missing:
             raise KeyMismatchError(
                 f"support names tensors absent from base: [{format_names(missing)}].")
-        fast = {n: (support[n], values[n]) for n in support if router and n in router.names}
-        merged = {n: add_at(base[n], support[n], values[n]) for n in support if n not in fast}
+        fast = [{n: (support[n], values[n]) for n in support if n in r.names
+                 and (isinstance(r, LinearRouter) or not is_nf4(base[n]))} for r in routers]
+        merged = {n: add_at(base[n], support[n], values[n]) for n in support
+                  if not any(n in f for f in fast)}
         params = {**{k: v for k, v in buffers.items() if k not in base}, **base, **merged}
-        with router.patch(fast) if router else contextlib.nullcontext():
+        with contextlib.ExitStack() as stack:
+            for router, deltas in zip(routers, fast, strict=True):
+                stack.enter_context(router.patch(deltas))
             output = functional_call(model, params, args=(), kwargs=dict(batch), strict=True)
         return output.loss if loss is None else loss(output, batch)
 

@@ -3,10 +3,12 @@
 from spdelta.hf._names import resolve_names
 from spdelta.hf.checkpoint import CheckpointError, apply_to_checkpoint, checkpoint_shards
 from spdelta.hf.extract import extract_delta
+from spdelta.hf.layout import CheckpointLayout, LayoutError
 from spdelta.hf.model import (
     BaseMismatchError,
     apply_to_model,
     fingerprint,
+    model_delta,
     model_prefixes,
     remove_from_model,
     tied_aliases,
@@ -17,6 +19,8 @@ __all__ = [
     "AdapterError",
     "BaseMismatchError",
     "CheckpointError",
+    "CheckpointLayout",
+    "LayoutError",
     "apply_to_checkpoint",
     "apply_to_model",
     "checkpoint_shards",
@@ -24,6 +28,7 @@ __all__ = [
     "extract_delta",
     "fingerprint",
     "import_shira",
+    "model_delta",
     "model_prefixes",
     "remove_from_model",
     "resolve_names",

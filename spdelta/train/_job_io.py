@@ -138,7 +138,7 @@ def finish(cfg: TrainConfig, run: _Run, model: Any, state: SpielState,
     delta = SparseDelta.from_support({n: i.cpu() for n, i in support.items()},
                                      {n: v.cpu() for n, v in values.items()}, run.shapes,
                                      metadata=meta)
-    delta = run.layout.to_checkpoint(delta)  # in the names and layout of the model's directory
+    delta = run.targets.layout.to_checkpoint(delta)  # names and layout of the model's directory
     out, ckpt = Path(cfg.output), ckpt_dir(cfg)
     if run.rank == 0:
         if out.parent != Path(""):

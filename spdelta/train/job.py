@@ -31,6 +31,7 @@ from spdelta.train._job_steps import (
     make_step_fn,
     select_support,
 )
+from spdelta.train._job_targets import JobTargets, job_targets, say_targets
 from spdelta.train._spiel_io import SpielState
 
 __all__ = ["TrainConfig", "train_job"]
@@ -240,9 +241,7 @@ class _Run:
     base: dict[str, torch.Tensor]
     shapes: dict[str, tuple[int, ...]]
     fingerprint: str
-    layout: Any  # spdelta.hf.layout.CheckpointLayout: the delta is written in checkpoint names
-    left_out: dict[str, list[str]]  # what 'all-linear' skipped, by kind
-    reference: list[str]  # targets that take the reference path (no fast kernel)
+    targets: JobTargets  # names, checkpoint layout, what all-linear left out, slow ones
 
     def shard(self, batch: Batch) -> dict[str, Any]:
         """This rank's share of a global batch, on the job's device."""
@@ -258,10 +257,6 @@ def _setup(cfg: TrainConfig, say: Callable[[str], None]) -> _Run:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from spdelta.dist import init_from_env
-    from spdelta.hf.layout import CheckpointLayout
-    from spdelta.hf.model import combine_samples, fingerprint_sample
-    from spdelta.kernels import LinearRouter
-    from spdelta.targets import ALL_LINEAR, left_out, resolve_targets
 
     env = init_from_env(backend="gloo" if cfg.device == "cpu" else None)
     world, device = env.world_size, _device(cfg, env)
@@ -279,38 +274,17 @@ def _setup(cfg: TrainConfig, say: Callable[[str], None]) -> _Run:
                              f"torchrun (found world size {world}), no --nf4, and SPEFT or "
                              "SpIEL-AG; drop --fsdp to train data-parallel instead.")
     base = {n: p.detach() for n, p in model.named_parameters()}
-    names = resolve_targets(model, cfg.targets)
-    layout = CheckpointLayout(model)
-    on_disk = layout.checkpoint_names(names)  # the fingerprint covers the delta's tensors
+    targets = job_targets(model, base, cfg.targets)
+    names = targets.names
     run = _Run(env.rank, world, device, say if env.rank == 0 else (lambda _: None), model, data,
                _total_steps(cfg, data), base, {n: tuple(base[n].shape) for n in names},
-               combine_samples({n: fingerprint_sample(n, t)
-                                for n, t in layout.checkpoint_tensors(base, on_disk)}),
-               layout, left_out(model, names) if cfg.targets == ALL_LINEAR else {},
-               sorted(set(names) - LinearRouter(model).names))
+               targets.fingerprint, targets)
     run.speak(f"model {cfg.model}: {len(names)} target tensors, "
               f"{sum(math.prod(s) for s in run.shapes.values()):,} target entries; data "
               f"{cfg.data}: {data.n} rows ({data.format}), {run.total} steps of {cfg.batch_size}"
               + (f" on {world} ranks" if world > 1 else "") + f", on {device}")
-    _say_targets(run, names)
+    say_targets(run.speak, targets, run.shapes)
     return run
-
-
-def _say_targets(run: _Run, names: list[str]) -> None:
-    """Log what the targets hold, what 'all-linear' left out, and what takes the slow path."""
-    experts = [n for n in names if len(run.shapes[n]) == 3]
-    if experts:
-        run.speak(f"targets include {len(experts)} fused expert tensors "
-                  f"({sum(math.prod(run.shapes[n]) for n in experts):,} entries)")
-    if run.left_out:
-        kinds = ", ".join(f"{len(v)} {k}" for k, v in sorted(run.left_out.items()))
-        run.speak(f"all-linear left out {kinds} weights (name them in --targets to train "
-                  f"them): {', '.join(n for v in run.left_out.values() for n in v[:3])}"
-                  + (" ..." if any(len(v) > 3 for v in run.left_out.values()) else ""))
-    if run.reference:
-        run.speak(f"reference path (a dense merge each step, no fast kernel) for "
-                  f"{len(run.reference)} of {len(names)} targets: {', '.join(run.reference[:6])}"
-                  + (" ..." if len(run.reference) > 6 else ""))
 
 
 def _start(cfg: TrainConfig, run: _Run, ckpt: Path, job: dict[str, Any] | None
@@ -445,8 +419,8 @@ def train_job(cfg: TrainConfig, *, say: Callable[[str], None] = print) -> dict[s
                "seconds": time.perf_counter() - t_start, "train_seconds_this_run": train_s,
                "tokens_per_s": tokens_run / train_s if train_s > 0 else 0.0,
                "world_size": run.world, "device": str(run.device), "delta": str(Path(cfg.output)),
-               "checkpoint": str(ckpt), "targets_left_out": run.left_out,
-               "reference_path": run.reference}
+               "checkpoint": str(ckpt), "targets_left_out": run.targets.left_out,
+               "reference_path": run.targets.reference}
     if not finished:
         run.speak(f"stopped at step {state.step} of {run.total}; checkpoint in {ckpt}. "
                   "Continue with the same command and --resume.")

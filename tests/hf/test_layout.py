@@ -42,8 +42,9 @@ def _op(draw: st.DrawFn, t: torch.Tensor) -> Callable[[object], object]:
         return lambda x: x.reshape(-1, t.shape[-1]) if nd > 1 else x.reshape(1, -1)  # type: ignore[attr-defined]
     if kind == "unsqueeze":
         return lambda x: x.unsqueeze(d).squeeze(d).unsqueeze(0)  # type: ignore[attr-defined]
-    if kind == "index":
-        return lambda x: x[0] if nd > 1 else x[1:]  # type: ignore[index]
+    if kind == "index":  # an int index, or a slice that keeps the tensor non-empty
+        start = 1 if t.shape[0] > 1 else 0
+        return lambda x: x[0] if nd > 1 else x[start:]  # type: ignore[index]
     return lambda x: (torch.stack if kind == "stack" else torch.cat)([x, x], dim=d)
 
 

@@ -14,7 +14,7 @@ from torch.func import grad_and_value
 from spdelta import SparseDelta, make_loss_fn
 from spdelta.hf import apply_to_checkpoint, apply_to_model, extract_delta
 from spdelta.hf.layout import CheckpointLayout
-from spdelta.kernels import LinearRouter
+from spdelta.kernels import ExpertsRouter, LinearRouter
 from spdelta.targets import left_out, resolve_targets
 from spdelta.train import speft
 
@@ -54,8 +54,10 @@ def test_fast_path_equals_reference_in_float64(arch_name: str, archs: SimpleName
     torch.testing.assert_close(l_fast, l_ref, rtol=1e-12, atol=0)
     for n in names:
         torch.testing.assert_close(g_fast[n], g_ref[n], rtol=1e-9, atol=1e-12, msg=n)
-    # Every 2-D target (nn.Linear, GPT-2's Conv1D) took the fast kernel; only experts did not.
+    # Every target takes a fast kernel: nn.Linear and GPT-2's Conv1D, and the fused experts
+    # of the eager experts loop (the matrix builds MoE models with it).
     assert {n for n in names if base[n].dim() == 2} <= LinearRouter(model).names
+    assert {n for n in names if base[n].dim() == 3} <= ExpertsRouter(model).names
 
 
 def test_expert_values_gradient_equals_the_dense_gradient(moe_arch: str,
