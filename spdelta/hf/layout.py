@@ -114,6 +114,14 @@ def _convert(model: nn.Module, transforms: list[Any], tensors: Mapping[str, Any]
     return out, moved
 
 
+def _stored(model: nn.Module) -> dict[str, Tensor]:
+    """The tensors a state dict holds: parameters (tied ones once), then persistent buffers."""
+    params: dict[str, Tensor] = dict(model.named_parameters())
+    persistent = set(model.state_dict(keep_vars=True))
+    buffers = {n: b for n, b in model.named_buffers() if n in persistent and n not in params}
+    return {**params, **buffers}
+
+
 def _components(pairs: Iterable[tuple[str, Iterable[str]]]) -> list[tuple[set[str], set[str]]]:
     """Groups ``(model names, checkpoint names)`` connected by ``checkpoint -> sources``."""
     groups: list[tuple[set[str], set[str]]] = []
@@ -150,13 +158,14 @@ class CheckpointLayout:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.model_shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        stored = {n: tuple(t.shape) for n, t in _stored(model).items()}  # + persistent buffers
         self._transforms = _transforms(model)
         if not self._transforms:
-            self.checkpoint_shapes = dict(self.model_shapes)
-            self.sources = {n: (n,) for n in self.model_shapes}
+            self.checkpoint_shapes = stored
+            self.sources = {n: (n,) for n in stored}
             self.converted: frozenset[str] = frozenset()
         else:
-            traces = {n: Trace.of((n,), s, _EMPTY, _EMPTY) for n, s in self.model_shapes.items()}
+            traces = {n: Trace.of((n,), s, _EMPTY, _EMPTY) for n, s in stored.items()}
             out, moved = self._run(traces, reverse=True)
             self.checkpoint_shapes = {n: tuple(t.shape) for n, t in out.items()}
             self.sources = {n: t.sources for n, t in out.items()}
@@ -246,16 +255,17 @@ class CheckpointLayout:
                            names: Iterable[str] | None = None) -> Iterator[tuple[str, Tensor]]:
         """Yield ``(checkpoint name, tensor)`` as ``save_pretrained`` would write them.
 
-        Tied weights appear once. Tensors are computed one conversion group at a time
+        Parameters (tied weights once) and persistent buffers, as in the state dict that
+        ``save_pretrained`` writes. Tensors are computed one conversion group at a time
         (one layer's experts, say), so memory stays bounded by a group; unconverted
         tensors are the parameters themselves (no copy).
 
         Args:
-            params: Model name -> tensor (default: the model's parameters); a lazy
-                mapping works (only the needed names are read).
+            params: Model name -> tensor (default: the model's parameters and persistent
+                buffers); a lazy mapping works (only the needed names are read).
             names: Only these checkpoint names (default: all), in sorted order.
         """
-        params = dict(self.model.named_parameters()) if params is None else params
+        params = _stored(self.model) if params is None else params
         yield from self._tensors(self.checkpoint_shapes if names is None else names, params,
                                  to_model=False)
 

@@ -38,7 +38,9 @@ def test_train_apply_extract(name: str, archs: SimpleNamespace, tiny_lm_saver: C
         assert summary["reference_path"] == [] and "router" not in summary["targets_left_out"]
     else:
         assert len(summary["targets_left_out"]["router"]) == 2
-        assert all("experts" in n for n in summary["reference_path"])
+        # transformers' default grouped_mm experts kernel: experts on the reference path
+        assert summary["reference_path"] == [f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1)
+                                             for p in ("down_proj", "gate_up_proj")]
         experts = [n for n in delta.keys() if ".experts.0." in n or ".experts.3." in n]
         assert experts and sum(delta[n].nnz for n in delta.keys() if ".experts." in n) > 0
     assert main(["apply", "--base", base, "--delta", str(out), "-o", str(patched)]) == 0
