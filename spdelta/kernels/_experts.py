@@ -25,13 +25,13 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from functools import partial
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spdelta.kernels._linear import sparse_delta_linear
+from spdelta.kernels._route import swapped_forwards
 
 __all__ = ["ExpertsRouter"]
 
@@ -141,15 +141,6 @@ class ExpertsRouter:
         for name, delta in deltas.items():
             module, part = self._modules[name]
             per_module.setdefault(id(module), (module, {}))[1][part] = delta
-        saved: list[tuple[nn.Module, Any]] = []
-        try:
-            for module, parts in per_module.values():
-                saved.append((module, module.__dict__.get("forward")))
-                module.forward = partial(_forward, module, parts)  # type: ignore[method-assign]
+        with swapped_forwards([(m, partial(_forward, m, parts))
+                               for m, parts in per_module.values()]):
             yield
-        finally:
-            for module, previous in reversed(saved):
-                if previous is None:
-                    del module.forward
-                else:
-                    module.forward = previous

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
 from typing import Any
@@ -86,16 +86,29 @@ class LinearRouter:
             deltas: Weight name (one of :attr:`names`) -> ``(indices, values)``:
                 1-D int64 sorted flat positions and the 1-D values.
         """
-        saved: list[tuple[nn.Module, Any]] = []
-        try:
-            for name, (indices, values) in deltas.items():
-                module, transposed = self._modules[name]
-                saved.append((module, module.__dict__.get("forward")))
-                module.forward = partial(_forward, module, transposed, indices, values)  # type: ignore[method-assign]
+        forwards = []
+        for name, (indices, values) in deltas.items():
+            module, transposed = self._modules[name]
+            forwards.append((module, partial(_forward, module, transposed, indices, values)))
+        with swapped_forwards(forwards):
             yield
-        finally:
-            for module, previous in reversed(saved):
-                if previous is None:
-                    del module.forward
-                else:
-                    module.forward = previous
+
+
+@contextmanager
+def swapped_forwards(forwards: Sequence[tuple[nn.Module, Callable[..., Any]]]) -> Iterator[None]:
+    """Set each module's instance ``forward`` while open; restore the previous one after.
+
+    ``nn.Module.__call__`` looks ``forward`` up on the instance, so hooks still run.
+    """
+    saved: list[tuple[nn.Module, Any]] = []
+    try:
+        for module, forward in forwards:
+            saved.append((module, module.__dict__.get("forward")))
+            module.forward = forward  # type: ignore[method-assign]
+        yield
+    finally:
+        for module, previous in reversed(saved):
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous

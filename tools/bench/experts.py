@@ -151,16 +151,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--experts-implementation", default="grouped_mm")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--json", action="store_true")
+    p.add_argument("--no-memory", action="store_true", help="time only (no child processes)")
     p.add_argument("--_memory", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    cfg = {k: v for k, v in vars(args).items() if k not in ("json", "_memory")}
+    cfg = {k: v for k, v in vars(args).items() if k not in ("json", "_memory", "no_memory")}
     cfg["variants"] = args.variants.split(",")
     torch.set_num_threads(cfg["threads"])
     if args._memory:
         print(json.dumps(measure_memory(args._memory, cfg)))
         return 0
     result: dict[str, Any] = {"config": cfg, "variants": measure_time(cfg)}
-    for name in cfg["variants"]:
+    for name in [] if args.no_memory else cfg["variants"]:
         child = subprocess.run([sys.executable, __file__, *(argv or sys.argv[1:]),
                                 "--_memory", name], capture_output=True, text=True, check=True,
                                env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"})
@@ -169,12 +170,14 @@ def main(argv: list[str] | None = None) -> int:
     if {"experts_fast", "experts_reference"} <= v.keys():
         fast, ref = v["experts_fast"], v["experts_reference"]
         result["time_fast_over_reference"] = fast["step_s"] / ref["step_s"]
-        result["peak_fast_over_reference"] = fast["peak_mb"] / ref["peak_mb"]
+        if not args.no_memory:
+            result["peak_fast_over_reference"] = fast["peak_mb"] / ref["peak_mb"]
     if args.json:
         print(json.dumps(result, indent=1))
     else:
         for name, r in v.items():
-            print(f"{name:18s} step {r['step_s']:.4f} s   peak {r['peak_mb']:.1f} MB")
+            peak = f"   peak {r['peak_mb']:.1f} MB" if "peak_mb" in r else ""
+            print(f"{name:18s} step {r['step_s']:.4f} s{peak}")
         for k in ("time_fast_over_reference", "peak_fast_over_reference"):
             if k in result:
                 print(f"{k}: {result[k]:.3f}")
