@@ -6,10 +6,16 @@ from collections.abc import Collection, Iterable, Mapping
 
 from spdelta.errors import KeyMismatchError, format_names
 
-__all__ = ["resolve_names"]
+__all__ = ["candidates", "resolve_names"]
 
 
-def _candidates(name: str, prefixes: Iterable[str]) -> list[str]:
+def candidates(name: str, prefixes: Iterable[str]) -> list[str]:
+    """``name``, and ``name`` with each prefix added or (when present) removed.
+
+    Example:
+        >>> candidates("layers.0.w", ["model."])
+        ['layers.0.w', 'model.layers.0.w']
+    """
     out = [name]
     for prefix in prefixes:
         out.append(prefix + name)
@@ -57,7 +63,7 @@ def resolve_names(
     unmatched: list[str] = []
     ambiguous: list[str] = []
     for name in names:
-        found = {aliases.get(c, c) for c in _candidates(name, prefixes)}
+        found = {aliases.get(c, c) for c in candidates(name, prefixes)}
         found = {c for c in found if c in targets}
         if len(found) == 1:
             out[name] = found.pop()

@@ -318,17 +318,3 @@ def _gather(name: str, trace: Trace, delta: SparseDelta, offsets: Mapping[str, i
     device = delta[next(iter(offsets))].indices.device
     return DeltaTensor(tuple(trace.shape), flat.to(device), values.to(device))
 
-
-def describe(names: Iterable[str], layout: CheckpointLayout) -> str:
-    """Which layout ``names`` are in, for error messages."""
-    names = list(names)
-    if not names:
-        return "no tensors"
-    in_model = sum(n in layout.model_shapes for n in names)
-    in_ckpt = sum(n in layout.checkpoint_shapes for n in names)
-    if in_model == len(names):
-        return "the model's layout"
-    if in_ckpt == len(names):
-        return "the checkpoint's layout"
-    return "neither layout"
-

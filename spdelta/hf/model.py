@@ -14,7 +14,7 @@ from spdelta.delta import SparseDelta
 from spdelta.errors import BaseMismatchError, KeyMismatchError, ShapeError, format_names
 from spdelta.format.constants import KEY_FINGERPRINT
 from spdelta.functional import accumulate_dtype
-from spdelta.hf._names import resolve_names
+from spdelta.hf._names import candidates, resolve_names
 from spdelta.hf.layout import CheckpointLayout
 
 __all__ = [
@@ -116,9 +116,12 @@ def resolve_delta(model: nn.Module, names: Iterable[str]
         if layout.is_identity:
             raise
     examples = layout.converted or layout.checkpoint_shapes
-    hint = (f"The model's parameters are named like [{format_names(params, 3)}] and its "
-            f"checkpoint's tensors like [{format_names(examples, 3)}]; "
-            "use the base model the delta was made for.")
+    found = [sum(any(c in side for c in candidates(n, prefixes)) for n in names)
+             for side in (params, layout.checkpoint_shapes)]
+    hint = (f"Of the delta's {len(names)} tensors, {found[0]} are in the model's layout (its "
+            f"parameters, named like [{format_names(params, 3)}]) and {found[1]} in its "
+            f"checkpoint's layout (named like [{format_names(examples, 3)}]); use the base "
+            "model the delta was made for.")
     known = set(params) | set(layout.checkpoint_shapes)
     return resolve_names(names, known, prefixes=prefixes, aliases=aliases, hint=hint), layout
 

@@ -121,8 +121,8 @@ def test_unmatched_names_show_both_layouts(archs: SimpleNamespace) -> None:
     model = archs.build("mixtral")
     bad = SparseDelta({"model.layers.0.mlp.experts.9.w1.weight":
                        ((48, 32), torch.tensor([0]), torch.ones(1))})
-    with pytest.raises(KeyError, match=r"parameters are named like .*checkpoint's tensors "
-                                       r"like .*block_sparse_moe\.experts"):
+    with pytest.raises(KeyError, match=r"0 are in the model's layout .*0 in its checkpoint's "
+                                       r"layout \(named like .*block_sparse_moe\.experts"):
         apply_to_model(model, bad)
     with pytest.raises(LayoutError, match="not model tensors"):
         CheckpointLayout(model).to_checkpoint(bad)
@@ -132,3 +132,49 @@ def test_unmatched_names_show_both_layouts(archs: SimpleNamespace) -> None:
             ((32, 48), torch.tensor([0]), torch.ones(1))})
     with pytest.raises(KeyError, match="both directly and through checkpoint"):
         apply_to_model(model, both)
+
+
+def test_both_layouts_apply_to_both_checkpoint_layouts(archs: SimpleNamespace,
+                                                      arch_dir: Callable[[str], Path],
+                                                      tmp_path: Path) -> None:
+    """Per-expert and fused deltas, each with its fingerprint, on a per-expert directory
+    (what save_pretrained writes) and on a fused one (the model's own names)."""
+    import shutil
+
+    import transformers
+    from safetensors.torch import save_file
+
+    from spdelta.hf import apply_to_checkpoint, fingerprint
+
+    per_expert = arch_dir("mixtral")
+    fused = tmp_path / "fused"
+    fused.mkdir()
+    shutil.copy(per_expert / "config.json", fused / "config.json")
+    model = transformers.MixtralForCausalLM.from_pretrained(per_expert).eval()
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    save_file({n: p.contiguous() for n, p in params.items()}, str(fused / "model.safetensors"))
+    layout = CheckpointLayout(model)
+    gen = torch.Generator().manual_seed(4)
+    in_model = SparseDelta({n: (tuple(p.shape), torch.randperm(p.numel(), generator=gen)[:9]
+                                .sort().values, torch.randn(9, generator=gen))
+                            for n, p in params.items() if "experts" in n or "gate" in n})
+    in_ckpt = layout.to_checkpoint(in_model)
+    stored = dict(layout.checkpoint_tensors())
+    deltas = {"fused": in_model.with_metadata(
+                  {"spdelta.base_model.fingerprint": fingerprint(params, in_model.keys())}),
+              "per-expert": in_ckpt.with_metadata(
+                  {"spdelta.base_model.fingerprint": fingerprint(stored, in_ckpt.keys())})}
+    batch = archs.batch("mixtral")
+    apply_to_model(model, in_model)
+    with torch.no_grad():
+        want = model(**batch).logits
+    for base in (per_expert, fused):
+        for kind, delta in deltas.items():
+            out = tmp_path / f"{base.name}-{kind}"
+            apply_to_checkpoint(base, delta, out)  # fingerprint checked in the delta's layout
+            with torch.no_grad():
+                got = transformers.MixtralForCausalLM.from_pretrained(out)(**batch).logits
+            assert torch.equal(got, want), (base.name, kind)
+            wrong = delta.with_metadata({"spdelta.base_model.fingerprint": "sha256:" + "0" * 16})
+            with pytest.raises(ValueError, match="fingerprint"):
+                apply_to_checkpoint(base, wrong, tmp_path / "refused")
