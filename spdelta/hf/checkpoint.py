@@ -97,9 +97,10 @@ def _meta_model(path: Path) -> nn.Module | None:
         import transformers
 
         config = transformers.AutoConfig.from_pretrained(str(path))
+        named = [getattr(transformers, a, None) for a in getattr(config, "architectures", None)
+                 or []]
     except Exception:  # no or unknown config: names must then match the keys exactly
         return None
-    named = [getattr(transformers, a, None) for a in (getattr(config, "architectures", None) or [])]
     builders = [*(c for c in named if c is not None), transformers.AutoModelForCausalLM.from_config,
                 transformers.AutoModel.from_config]
     with torch.device("meta"):

@@ -18,7 +18,9 @@ experts) at ``--density``, as ``spdelta train`` runs it. Variants:
                          expert deltas add to.
 
 Time: all variants in this process, taking turns for ``--steps`` rounds after
-``--warmup`` steps each; ``step_s`` is the median. Memory: each variant in a fresh child
+``--warmup`` steps each; ``step_s`` is the median, and ``time_fast_over_reference_paired``
+the median over rounds of the two variants' ratio within a round (robust to load from
+other processes on a shared machine). Memory: each variant in a fresh child
 process; ``peak_mb`` is ``VmHWM - VmRSS`` over ``--mem-steps`` steps after the model,
 batch and values exist (the peak-RSS counter reset via ``/proc/self/clear_refs``; see
 ``train_step.py``). On a CUDA device (``--device cuda``) the memory is
@@ -170,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     if {"experts_fast", "experts_reference"} <= v.keys():
         fast, ref = v["experts_fast"], v["experts_reference"]
         result["time_fast_over_reference"] = fast["step_s"] / ref["step_s"]
+        # Same-round ratios: load from other processes hits both steps of a round alike.
+        result["time_fast_over_reference_paired"] = statistics.median(
+            a / b for a, b in zip(fast["step_s_all"], ref["step_s_all"], strict=True))
         if not args.no_memory:
             result["peak_fast_over_reference"] = fast["peak_mb"] / ref["peak_mb"]
     if args.json:
