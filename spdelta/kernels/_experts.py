@@ -11,11 +11,12 @@ expert's slice of the support: no merged 3-D copy, gradients at the support only
 
 Only modules that run that eager loop anyway (``experts_implementation="eager"``) are
 routed, because that is where it pays: ``tools/bench/experts.py`` (random Mixtral, 4
-layers, 8 experts top-2, 1 % of all-linear, 2-core CPU, 2026-12-06) measured the routed
-loop at 0.82x the step time and 0.80x the peak memory of the eager reference (hidden
-256, 512 tokens), but 1.4x-1.9x the step time of transformers' default ``grouped_mm``
-reference (0.50x-0.85x its peak: 0.50x where the expert weights dominate, hidden 512,
-intermediate 1408, 64 tokens). With ``grouped_mm`` (or another kernel) the experts stay
+layers, 8 experts top-2, 1 % of all-linear, shared 2-core CPU, 2026-12-06) measured the
+routed loop at 0.80x the peak memory of the eager reference and about its step time
+(0.82x and 1.09x in two runs; hidden 256, 512 tokens), but at 1.9x the step time of
+transformers' default ``grouped_mm`` reference (1.87x, same-round median 1.95x; 1.38x at
+hidden 512, intermediate 1408, 64 tokens) for 0.86x its peak (0.50x there, where the
+expert weights dominate). With ``grouped_mm`` (or another kernel) the experts stay
 on the reference path, and ``spdelta train`` names them in its log; load the model with
 ``experts_implementation="eager"`` to trade that time for the memory.
 """
