@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
 import sys
 import traceback
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from types import ModuleType
+from typing import Any
 
-from spdelta.errors import SpdeltaError
+from spdelta.errors import SpdeltaError, SpdeltaWarning
 
 __all__ = ["build_parser", "main", "merge_main"]
 
@@ -59,6 +62,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _one_line_warnings(prefix: str) -> Iterator[None]:
+    """Show spdelta's own warnings as one line on stderr, ``spdelta merge: warning: ...``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", SpdeltaWarning)
+        shown = warnings.showwarning
+
+        def show(message: Warning | str, category: type[Warning], *rest: Any, **kw: Any) -> None:
+            if issubclass(category, SpdeltaWarning):
+                print(f"{prefix}: warning: {message}", file=sys.stderr)
+            else:
+                shown(message, category, *rest, **kw)
+
+        warnings.showwarning = show
+        yield
+
+
 def _dispatch(parser: argparse.ArgumentParser, argv: Sequence[str] | None, command: str) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -67,7 +87,8 @@ def _dispatch(parser: argparse.ArgumentParser, argv: Sequence[str] | None, comma
         return exc.code if isinstance(exc.code, int) else 2
     args._command = command + " " + shlex.join(argv)  # recorded in output provenance
     try:
-        return int(args._run(args))
+        with _one_line_warnings(f"{parser.prog} {args._name}"):
+            return int(args._run(args))
     except (SpdeltaError, OSError) as exc:
         if args.debug:
             traceback.print_exc()

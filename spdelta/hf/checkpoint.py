@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,13 +17,32 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from spdelta.delta import SparseDelta
-from spdelta.errors import BaseMismatchError, OutputExistsError, ShapeError, SpdeltaError
+from spdelta.errors import (
+    BaseMismatchError,
+    ContainerError,
+    OutputExistsError,
+    ParameterError,
+    ShapeError,
+    SpdeltaError,
+)
 from spdelta.format.constants import KEY_FINGERPRINT
+from spdelta.format.fingerprint import (
+    check_fingerprint,
+    combine_records,
+    file_records,
+    legacy_combine,
+    legacy_file_sample,
+)
 from spdelta.functional import add_at
 from spdelta.hf._names import resolve_names
-from spdelta.hf.model import combine_samples, fingerprint_sample
 
-__all__ = ["CheckpointError", "apply_to_checkpoint", "checkpoint_shards"]
+__all__ = [
+    "CheckpointError",
+    "apply_to_checkpoint",
+    "checkpoint_fingerprint",
+    "checkpoint_shards",
+    "legacy_checkpoint_fingerprint",
+]
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -182,7 +201,8 @@ def apply_to_checkpoint(
     aliases, prefixes = _tied_aliases(root, keys)
     mapping = resolve_names(delta.keys(), keys, prefixes=prefixes, aliases=aliases)
     by_key = {key: name for name, key in mapping.items()}
-    samples: dict[str, bytes] = {}  # a few KiB per tensor, for the fingerprint
+    if check_base:  # before any work: it reads a few KiB per tensor
+        _check_fingerprint(root, delta, mapping)
     with _atomic_dir(out_path, overwrite) as tmp:
         for shard, names in tqdm(shards.items(), desc="apply", unit="shard", disable=not progress):
             tensors = {}
@@ -191,24 +211,82 @@ def apply_to_checkpoint(
                 for key in names:
                     t = f.get_tensor(key)
                     if key in by_key:
-                        samples[by_key[key]] = fingerprint_sample(by_key[key], t)
                         t = _patched(t, key, by_key[key], delta, alpha)
                     tensors[key] = t
             (tmp / shard).parent.mkdir(parents=True, exist_ok=True)
             save_file(tensors, str(tmp / shard), metadata=meta)
-        _check_fingerprint(delta, samples, check_base)
         _copy_other_files(root, tmp, set(shards))
 
 
-def _check_fingerprint(delta: SparseDelta, samples: dict[str, bytes], check: bool) -> None:
+def _check_fingerprint(root: Path, delta: SparseDelta, mapping: dict[str, str]) -> None:
     expected = delta.metadata.get(KEY_FINGERPRINT)
-    found = combine_samples(samples)
-    if check and expected is not None and found != expected:
+    found = check_fingerprint(expected, current=lambda: checkpoint_fingerprint(root),
+                              legacy=lambda: legacy_checkpoint_fingerprint(root, mapping))
+    if found is not None:
         raise BaseMismatchError(
             f"base model fingerprint: the delta was made for {expected}, the checkpoint is "
             f"{found}; use the right base, or pass check_base=False "
             "(--allow-base-mismatch)."
         )
+
+
+def checkpoint_fingerprint(path: str | os.PathLike[str]) -> str:
+    """The fingerprint of the safetensors checkpoint in directory ``path``.
+
+    Reads each shard's header and the 1,024 sampled elements of each tensor (a few
+    KiB per tensor), never a whole tensor.
+
+    Raises:
+        CheckpointError: ``path`` holds no readable safetensors checkpoint.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from safetensors.torch import save_file
+        >>> d = tempfile.mkdtemp()
+        >>> save_file({"w": torch.ones(3)}, d + "/model.safetensors")
+        >>> checkpoint_fingerprint(d)[:6]
+        'base1:'
+    """
+    root = Path(path)
+    records: dict[str, bytes] = {}
+    for shard, names in checkpoint_shards(root).items():
+        try:
+            records.update(file_records(root / shard, names))
+        except (OSError, ContainerError, KeyError) as e:
+            raise CheckpointError(f"{str(root / shard)!r}: cannot read the shard to fingerprint "
+                                  f"it ({e}); is the checkpoint complete?") from e
+    return combine_records(records)
+
+
+def legacy_checkpoint_fingerprint(path: str | os.PathLike[str], mapping: Mapping[str, str]
+                                  ) -> str:
+    """The legacy ``sha256:`` fingerprint (before format 1.2) of a delta's tensors on disk.
+
+    Args:
+        path: The checkpoint directory.
+        mapping: Delta name -> checkpoint key, for the delta's tensors.
+
+    Raises:
+        CheckpointError: A shard cannot be read.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from safetensors.torch import save_file
+        >>> d = tempfile.mkdtemp()
+        >>> save_file({"w": torch.ones(3)}, d + "/model.safetensors")
+        >>> legacy_checkpoint_fingerprint(d, {"w": "w"})[:7]
+        'sha256:'
+    """
+    root = Path(path)
+    where = {k: s for s, ks in checkpoint_shards(root).items() for k in ks}
+    samples = {}
+    for name, key in mapping.items():
+        try:
+            samples[name] = legacy_file_sample(root / where[key], key, name)
+        except (OSError, ContainerError, KeyError, ParameterError) as e:
+            raise CheckpointError(f"{str(root)!r}: cannot read {key!r} to fingerprint it "
+                                  f"({e}).") from e
+    return legacy_combine(samples)
 
 
 def _copy_other_files(src: Path, dst: Path, skip: set[str]) -> None:

@@ -250,12 +250,23 @@ class _Run:
                         self.device)
 
 
+def _base_fingerprint(source: str, model: Any) -> str:
+    """The checkpoint's fingerprint from disk (whatever dtype it is loaded in), else the model's."""
+    from spdelta.hf import CheckpointError, checkpoint_fingerprint, fingerprint
+
+    if os.path.isdir(source):
+        try:
+            return checkpoint_fingerprint(source)
+        except CheckpointError:  # e.g. a pytorch_model.bin checkpoint: the loaded model stands in
+            pass
+    return fingerprint(model)
+
+
 def _setup(cfg: TrainConfig, say: Callable[[str], None]) -> _Run:
     """Join the process group (under ``torchrun``); load the model onto the device, and the data."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from spdelta.dist import init_from_env
-    from spdelta.hf import fingerprint
     from spdelta.targets import resolve_targets
 
     env = init_from_env(backend="gloo" if cfg.device == "cpu" else None)
@@ -277,7 +288,7 @@ def _setup(cfg: TrainConfig, say: Callable[[str], None]) -> _Run:
     names = resolve_targets(model, cfg.targets)
     run = _Run(env.rank, world, device, say if env.rank == 0 else (lambda _: None), model, data,
                _total_steps(cfg, data), base, {n: tuple(base[n].shape) for n in names},
-               fingerprint(base, names))
+               _base_fingerprint(cfg.model, model))
     run.speak(f"model {cfg.model}: {len(names)} target tensors, "
               f"{sum(math.prod(s) for s in run.shapes.values()):,} target entries; data "
               f"{cfg.data}: {data.n} rows ({data.format}), {run.total} steps of {cfg.batch_size}"
