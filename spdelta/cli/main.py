@@ -7,10 +7,12 @@ import contextlib
 import shlex
 import sys
 import traceback
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from types import ModuleType
+from typing import Any
 
-from spdelta.errors import SpdeltaError
+from spdelta.errors import SpdeltaError, SpdeltaWarning
 from spdelta.quant.nf4 import torchao_hidden
 
 __all__ = ["build_parser", "main", "merge_main"]
@@ -61,6 +63,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _one_line_warnings(prefix: str) -> Iterator[None]:
+    """Show spdelta's own warnings as one line on stderr, ``spdelta merge: warning: ...``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", SpdeltaWarning)
+        shown = warnings.showwarning
+
+        def show(message: Warning | str, category: type[Warning], *rest: Any, **kw: Any) -> None:
+            if issubclass(category, SpdeltaWarning):
+                print(f"{prefix}: warning: {message}", file=sys.stderr)
+            else:
+                shown(message, category, *rest, **kw)
+
+        warnings.showwarning = show
+        yield
+
+
 def _dispatch(parser: argparse.ArgumentParser, argv: Sequence[str] | None, command: str) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -72,7 +91,7 @@ def _dispatch(parser: argparse.ArgumentParser, argv: Sequence[str] | None, comma
     # library-load lines and pytree warnings that are noise for every other command.
     quiet = contextlib.nullcontext() if getattr(args, "nf4", False) else torchao_hidden()
     try:
-        with quiet:
+        with quiet, _one_line_warnings(f"{parser.prog} {args._name}"):
             return int(args._run(args))
     except (SpdeltaError, OSError) as exc:
         if args.debug:

@@ -10,8 +10,10 @@ __all__ = [
     "EXT_PREFIX",
     "FORMAT_VERSION",
     "INDEX_DTYPES",
+    "KEY_BASE_MISMATCH",
     "KEY_BASE_MODEL",
     "KEY_FINGERPRINT",
+    "KEY_MINORS",
     "KEY_PRODUCER",
     "KEY_PROVENANCE",
     "KEY_REVISION",
@@ -34,8 +36,9 @@ __all__ = [
 ]
 
 #: Newest version this library understands (spec §8). Writers label a file with the lowest
-#: version whose features it uses: ``1.0`` without quantized values, ``1.1`` with them.
-MAJOR, MINOR = 1, 1
+#: version whose features it uses: ``1.0`` without quantized values, ``1.1`` with them,
+#: ``1.2`` with a ``spdelta.base_model.mismatch`` record.
+MAJOR, MINOR = 1, 2
 FORMAT_VERSION = f"{MAJOR}.{MINOR}"
 
 #: Reserved metadata namespace, and the extension namespace readers ignore (spec §5).
@@ -46,12 +49,14 @@ KEY_TENSORS = "spdelta.tensors"
 KEY_BASE_MODEL = "spdelta.base_model"
 KEY_REVISION = "spdelta.base_model.revision"
 KEY_FINGERPRINT = "spdelta.base_model.fingerprint"
+KEY_BASE_MISMATCH = "spdelta.base_model.mismatch"
 KEY_PRODUCER = "spdelta.producer"
 KEY_PROVENANCE = "spdelta.provenance"
 KEY_TRAINING = "spdelta.training"
-#: Every reserved key a 1.0 reader knows.
+#: Every reserved key this reader knows.
 KNOWN_KEYS = frozenset(
     {
+        KEY_BASE_MISMATCH,
         KEY_VERSION,
         KEY_TENSORS,
         KEY_BASE_MODEL,
@@ -62,6 +67,9 @@ KNOWN_KEYS = frozenset(
         KEY_TRAINING,
     }
 )
+
+#: Reserved keys defined after 1.0 -> the MINOR that defines them (spec §5, §8).
+KEY_MINORS: dict[str, int] = {KEY_BASE_MISMATCH: 2}
 
 #: Largest header a reader accepts (spec §9), in bytes.
 MAX_HEADER_BYTES = 100_000_000

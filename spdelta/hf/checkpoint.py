@@ -6,8 +6,9 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -19,24 +20,33 @@ from tqdm.auto import tqdm
 from spdelta.delta import SparseDelta
 from spdelta.errors import (
     BaseMismatchError,
+    ContainerError,
     KeyMismatchError,
     OutputExistsError,
+    ParameterError,
     ShapeError,
     SpdeltaError,
 )
 from spdelta.format.constants import KEY_FINGERPRINT
+from spdelta.format.fingerprint import (
+    check_fingerprint,
+    combine_records,
+    file_records,
+    legacy_combine,
+    legacy_file_sample,
+)
 from spdelta.functional import add_at
 from spdelta.hf._names import resolve_names
 from spdelta.hf.layout import CheckpointLayout
-from spdelta.hf.model import (
-    combine_samples,
-    fingerprint_sample,
-    model_delta,
-    model_prefixes,
-    resolve_delta,
-)
+from spdelta.hf.model import legacy_fingerprint, model_delta, model_prefixes, resolve_delta
 
-__all__ = ["CheckpointError", "apply_to_checkpoint", "checkpoint_shards"]
+__all__ = [
+    "CheckpointError",
+    "apply_to_checkpoint",
+    "checkpoint_fingerprint",
+    "checkpoint_shards",
+    "legacy_checkpoint_fingerprint",
+]
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -145,33 +155,43 @@ class _Disk(Mapping[str, Tensor]):
         return len(self.where)
 
 
-def _on_disk_layout(model: nn.Module | None, delta: SparseDelta, keys: set[str], disk: _Disk,
-                    error: KeyMismatchError) -> tuple[SparseDelta, dict[str, bytes]]:
-    """``delta`` in the layout the checkpoint stores, and fingerprint samples of its own layout.
+def _resolve_on_disk(root: Path, shards: dict[str, list[str]], delta: SparseDelta
+                     ) -> tuple[SparseDelta, dict[str, str], Callable[[], str] | None]:
+    """``delta`` in the layout the checkpoint stores, name -> key, and its legacy fingerprint.
 
-    A delta in the model's layout (fused experts) goes to a per-expert checkpoint and a
-    delta in checkpoint names to a fused one; the samples are of the base tensors in the
-    delta's own names and layout, as its fingerprint was computed.
+    Names match the keys directly (prefixes and tied aliases resolved), or through the
+    model's layout: a delta in the model's layout (fused experts) goes to a per-expert
+    checkpoint, and one in checkpoint names to a fused checkpoint. The last item computes
+    the legacy fingerprint of a delta whose layout had to change (else ``None``).
     """
-    if model is None:
-        raise error
-    layout = CheckpointLayout(model)
+    keys = {k for names in shards.values() for k in names}
+    model = _meta_model(root)
+    aliases, prefixes = _tied_aliases(model, keys)
+    try:
+        return delta, resolve_names(delta.keys(), keys, prefixes=prefixes, aliases=aliases), None
+    except KeyMismatchError:
+        if model is None:
+            raise
     in_model = model_delta(model, delta)
-    stored_as_model = set(in_model.keys()) <= keys
-    out = in_model if stored_as_model else layout.to_checkpoint(in_model)
-    samples = {}
-    if delta.metadata.get(KEY_FINGERPRINT) is not None:
-        mapping = resolve_delta(model, delta.keys())[0]
-        by_model = {t: n for n, t in mapping.items() if t in layout.model_shapes}
-        by_ckpt = {t: n for n, t in mapping.items() if t not in layout.model_shapes}
-        if stored_as_model:
-            got = {**{by_model[m]: disk[m] for m in by_model},
-                   **{by_ckpt[c]: t for c, t in layout.checkpoint_tensors(disk, by_ckpt)}}
-        else:
-            got = {**{by_ckpt[c]: disk[c] for c in by_ckpt},
-                   **{by_model[m]: t for m, t in layout.model_tensors(disk, by_model)}}
-        samples = {n: fingerprint_sample(n, t) for n, t in got.items()}
-    return out, samples
+    stored = in_model if set(in_model.keys()) <= keys else (  # the model's own layout, or
+        CheckpointLayout(model).to_checkpoint(in_model))      # the checkpoint's
+    mapping = resolve_names(stored.keys(), keys, prefixes=prefixes, aliases=aliases)
+    return stored, mapping, partial(_legacy_in_layout, model, delta, _Disk(root, shards))
+
+
+def _legacy_in_layout(model: nn.Module, delta: SparseDelta, disk: Mapping[str, Tensor]) -> str:
+    """The legacy fingerprint of ``delta``'s base tensors, in its own layout, built from disk."""
+    layout = CheckpointLayout(model)
+    mapping = resolve_delta(model, delta.keys())[0]
+    by_model = {t: n for n, t in mapping.items() if t in layout.model_shapes}
+    by_ckpt = {t: n for n, t in mapping.items() if t not in layout.model_shapes}
+    if set(by_model) <= set(disk):  # stored as the model: checkpoint tensors are converted
+        got = {**{by_model[m]: disk[m] for m in by_model},
+               **{by_ckpt[c]: t for c, t in layout.checkpoint_tensors(disk, by_ckpt).items()}}
+    else:
+        got = {**{by_ckpt[c]: disk[c] for c in by_ckpt},
+               **{by_model[m]: t for m, t in layout.model_tensors(disk, by_model).items()}}
+    return legacy_fingerprint(got)
 
 
 @contextmanager
@@ -255,18 +275,10 @@ def apply_to_checkpoint(
     """
     root, out_path = Path(base), Path(out)
     shards = checkpoint_shards(root)
-    keys = {k for names in shards.values() for k in names}
-    model = _meta_model(root)
-    aliases, prefixes = _tied_aliases(model, keys)
-    samples: dict[str, bytes] = {}  # a few KiB per tensor, for the fingerprint
-    sample = True
-    try:
-        mapping = resolve_names(delta.keys(), keys, prefixes=prefixes, aliases=aliases)
-    except KeyMismatchError as e:
-        delta, samples = _on_disk_layout(model, delta, keys, _Disk(root, shards), e)
-        mapping = resolve_names(delta.keys(), keys, prefixes=prefixes, aliases=aliases)
-        sample = False
+    delta, mapping, legacy = _resolve_on_disk(root, shards, delta)
     by_key = {key: name for name, key in mapping.items()}
+    if check_base:  # before any work: it reads a few KiB per tensor
+        _check_fingerprint(root, delta, mapping, legacy)
     with _atomic_dir(out_path, overwrite) as tmp:
         for shard, names in tqdm(shards.items(), desc="apply", unit="shard", disable=not progress):
             tensors = {}
@@ -275,25 +287,84 @@ def apply_to_checkpoint(
                 for key in names:
                     t = f.get_tensor(key)
                     if key in by_key:
-                        if sample:
-                            samples[by_key[key]] = fingerprint_sample(by_key[key], t)
                         t = _patched(t, key, by_key[key], delta, alpha)
                     tensors[key] = t
             (tmp / shard).parent.mkdir(parents=True, exist_ok=True)
             save_file(tensors, str(tmp / shard), metadata=meta)
-        _check_fingerprint(delta, samples, check_base)
         _copy_other_files(root, tmp, set(shards))
 
 
-def _check_fingerprint(delta: SparseDelta, samples: dict[str, bytes], check: bool) -> None:
+def _check_fingerprint(root: Path, delta: SparseDelta, mapping: dict[str, str],
+                       legacy: Callable[[], str] | None = None) -> None:
     expected = delta.metadata.get(KEY_FINGERPRINT)
-    found = combine_samples(samples)
-    if check and expected is not None and found != expected:
+    found = check_fingerprint(
+        expected, current=lambda: checkpoint_fingerprint(root),
+        legacy=legacy or (lambda: legacy_checkpoint_fingerprint(root, mapping)))
+    if found is not None:
         raise BaseMismatchError(
             f"base model fingerprint: the delta was made for {expected}, the checkpoint is "
             f"{found}; use the right base, or pass check_base=False "
             "(--allow-base-mismatch)."
         )
+
+
+def checkpoint_fingerprint(path: str | os.PathLike[str]) -> str:
+    """The fingerprint of the safetensors checkpoint in directory ``path``.
+
+    Reads each shard's header and the 1,024 sampled elements of each tensor (a few
+    KiB per tensor), never a whole tensor.
+
+    Raises:
+        CheckpointError: ``path`` holds no readable safetensors checkpoint.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from safetensors.torch import save_file
+        >>> d = tempfile.mkdtemp()
+        >>> save_file({"w": torch.ones(3)}, d + "/model.safetensors")
+        >>> checkpoint_fingerprint(d)[:6]
+        'base1:'
+    """
+    root = Path(path)
+    records: dict[str, bytes] = {}
+    for shard, names in checkpoint_shards(root).items():
+        try:
+            records.update(file_records(root / shard, names))
+        except (OSError, ContainerError, KeyError) as e:
+            raise CheckpointError(f"{str(root / shard)!r}: cannot read the shard to fingerprint "
+                                  f"it ({e}); is the checkpoint complete?") from e
+    return combine_records(records)
+
+
+def legacy_checkpoint_fingerprint(path: str | os.PathLike[str], mapping: Mapping[str, str]
+                                  ) -> str:
+    """The legacy ``sha256:`` fingerprint (before format 1.2) of a delta's tensors on disk.
+
+    Args:
+        path: The checkpoint directory.
+        mapping: Delta name -> checkpoint key, for the delta's tensors.
+
+    Raises:
+        CheckpointError: A shard cannot be read.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from safetensors.torch import save_file
+        >>> d = tempfile.mkdtemp()
+        >>> save_file({"w": torch.ones(3)}, d + "/model.safetensors")
+        >>> legacy_checkpoint_fingerprint(d, {"w": "w"})[:7]
+        'sha256:'
+    """
+    root = Path(path)
+    where = {k: s for s, ks in checkpoint_shards(root).items() for k in ks}
+    samples = {}
+    for name, key in mapping.items():
+        try:
+            samples[name] = legacy_file_sample(root / where[key], key, name)
+        except (OSError, ContainerError, KeyError, ParameterError) as e:
+            raise CheckpointError(f"{str(root)!r}: cannot read {key!r} to fingerprint it "
+                                  f"({e}).") from e
+    return legacy_combine(samples)
 
 
 def _copy_other_files(src: Path, dst: Path, skip: set[str]) -> None:

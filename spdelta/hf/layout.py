@@ -33,7 +33,7 @@ from spdelta.delta import DeltaTensor, SparseDelta
 from spdelta.errors import KeyMismatchError, format_names
 from spdelta.hf._trace import Trace, UntraceableError
 
-__all__ = ["CheckpointLayout", "LayoutError"]
+__all__ = ["CheckpointLayout", "LayoutError", "state_tensors"]
 
 _EMPTY = torch.zeros(0, dtype=torch.long)
 
@@ -114,12 +114,45 @@ def _convert(model: nn.Module, transforms: list[Any], tensors: Mapping[str, Any]
     return out, moved
 
 
-def _stored(model: nn.Module) -> dict[str, Tensor]:
-    """The tensors a state dict holds: parameters (tied ones once), then persistent buffers."""
-    params: dict[str, Tensor] = dict(model.named_parameters())
-    persistent = set(model.state_dict(keep_vars=True))
-    buffers = {n: b for n, b in model.named_buffers() if n in persistent and n not in params}
-    return {**params, **buffers}
+def _storage_key(t: Tensor) -> tuple[object, ...]:
+    """Equal for two views of the same memory with the same layout (tied weights)."""
+    return (t.device, t.dtype, t.data_ptr(), tuple(t.shape), t.stride())
+
+
+def state_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """What ``save_pretrained`` saves of ``model``, in the model's own names and layout.
+
+    The model's state dict (parameters and persistent buffers; not non-persistent
+    buffers such as Llama's ``inv_freq``), minus the keys the model declares as not
+    saved (``_keys_to_ignore_on_save``), with each group of tied tensors (one memory,
+    e.g. ``lm_head.weight`` and ``model.embed_tokens.weight``) counted once under the
+    name that comes first in the state dict, as ``save_pretrained`` keeps it. The
+    checkpoint's names and layout are these after the load-time conversions are
+    reverted (:meth:`CheckpointLayout.checkpoint_tensors`).
+
+    Args:
+        model: Any ``nn.Module``.
+
+    Returns:
+        Name -> tensor (views of the model's own memory, detached; nothing is copied).
+
+    Example:
+        >>> lin = torch.nn.Linear(2, 2)
+        >>> sorted(state_tensors(torch.nn.ModuleDict({"a": lin, "b": lin})))
+        ['a.bias', 'a.weight']
+    """
+    state = model.state_dict(keep_vars=False)
+    for key in getattr(model, "_keys_to_ignore_on_save", None) or ():
+        state.pop(key, None)
+    out: dict[str, Tensor] = {}
+    seen: set[tuple[object, ...]] = set()
+    for name, t in state.items():
+        key = _storage_key(t)
+        if t.numel() and t.device.type != "meta" and key in seen:
+            continue  # a tied alias of a tensor already kept
+        seen.add(key)
+        out[name] = t
+    return out
 
 
 def _components(pairs: Iterable[tuple[str, Iterable[str]]]) -> list[tuple[set[str], set[str]]]:
@@ -158,7 +191,7 @@ class CheckpointLayout:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.model_shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-        stored = {n: tuple(t.shape) for n, t in _stored(model).items()}  # + persistent buffers
+        stored = {n: tuple(t.shape) for n, t in state_tensors(model).items()}
         self._transforms = _transforms(model)
         if not self._transforms:
             self.checkpoint_shapes = stored
@@ -252,52 +285,70 @@ class CheckpointLayout:
         return SparseDelta._trusted(entries, delta.metadata)
 
     def checkpoint_tensors(self, params: Mapping[str, Tensor] | None = None,
-                           names: Iterable[str] | None = None) -> Iterator[tuple[str, Tensor]]:
-        """Yield ``(checkpoint name, tensor)`` as ``save_pretrained`` would write them.
+                           names: Iterable[str] | None = None) -> Mapping[str, Tensor]:
+        """Checkpoint name -> tensor, as ``save_pretrained`` would write them (lazily).
 
         Parameters (tied weights once) and persistent buffers, as in the state dict that
-        ``save_pretrained`` writes. Tensors are computed one conversion group at a time
-        (one layer's experts, say), so memory stays bounded by a group; unconverted
-        tensors are the parameters themselves (no copy).
+        ``save_pretrained`` writes (:func:`state_tensors`). A converted tensor is computed
+        when asked for, one conversion group at a time (one layer's experts, say), so
+        memory stays bounded by a group; the others are the model's tensors themselves.
 
         Args:
-            params: Model name -> tensor (default: the model's parameters and persistent
-                buffers); a lazy mapping works (only the needed names are read).
-            names: Only these checkpoint names (default: all), in sorted order.
+            params: Model name -> tensor (default: :func:`state_tensors` of the model);
+                a lazy mapping works (only the needed names are read).
+            names: Only these checkpoint names (default: all).
         """
-        params = _stored(self.model) if params is None else params
-        yield from self._tensors(self.checkpoint_shapes if names is None else names, params,
-                                 to_model=False)
+        params = state_tensors(self.model) if params is None else params
+        return _Converted(self, params, self.checkpoint_shapes if names is None else names,
+                          to_model=False)
 
     def model_tensors(self, checkpoint: Mapping[str, Tensor],
-                      names: Iterable[str] | None = None) -> Iterator[tuple[str, Tensor]]:
-        """Yield ``(model name, tensor)`` built from checkpoint tensors, as loading does.
-
+                      names: Iterable[str] | None = None) -> Mapping[str, Tensor]:
+        """Model name -> tensor built from checkpoint tensors, as loading does (lazily).
 
         Args:
             checkpoint: Checkpoint name -> tensor; a lazy mapping works.
-            names: Only these model names (default: all), in sorted order.
+            names: Only these model names (default: all).
         """
-        yield from self._tensors(self.model_shapes if names is None else names, checkpoint,
-                                 to_model=True)
+        return _Converted(self, checkpoint, self.model_shapes if names is None else names,
+                          to_model=True)
 
-    def _tensors(self, names: Iterable[str], source: Mapping[str, Tensor], *,
-                 to_model: bool) -> Iterator[tuple[str, Tensor]]:
-        as_is = {c: s[0] for c, s in self.sources.items()
-                 if c not in self.converted and len(s) == 1}
-        if to_model:
-            as_is = {m: c for c, m in as_is.items()}
-        done: dict[str, Any] = {}
-        for name in sorted(set(names)):
-            if name in as_is and name not in done:
-                yield name, source[as_is[name]]
-                continue
-            if name not in done:
-                model_names, ckpt_names = self._group_of([name], model=to_model)
-                inputs = ckpt_names if to_model else model_names
-                with torch.no_grad():
-                    done = self._run({n: source[n] for n in inputs}, reverse=not to_model)[0]
-            yield name, done.pop(name)
+
+class _Converted(Mapping[str, Tensor]):
+    """Name -> tensor converted from ``source`` on access, one conversion group at a time.
+
+    Iterating in name order (as the fingerprint does) computes each group once: a group's
+    other outputs wait in ``_pending`` until asked for.
+    """
+
+    def __init__(self, layout: CheckpointLayout, source: Mapping[str, Tensor],
+                 names: Iterable[str], *, to_model: bool) -> None:
+        self._layout, self._source, self._to_model = layout, source, to_model
+        self._names = sorted(set(names))
+        as_is = {c: s[0] for c, s in layout.sources.items()
+                 if c not in layout.converted and len(s) == 1}
+        self._as_is = {m: c for c, m in as_is.items()} if to_model else as_is
+        self._pending: dict[str, Tensor] = {}
+
+    def __getitem__(self, name: str) -> Tensor:
+        if name in self._as_is:
+            return self._source[self._as_is[name]]
+        if name not in self._pending:
+            model_names, ckpt_names = self._layout._group_of([name], model=self._to_model)
+            inputs = ckpt_names if self._to_model else model_names
+            with torch.no_grad():
+                out = self._layout._run({n: self._source[n] for n in inputs},
+                                        reverse=not self._to_model)[0]
+            if name not in out:
+                raise KeyError(name)
+            self._pending.update(out)
+        return self._pending.pop(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 def _gather(name: str, trace: Trace, delta: SparseDelta, offsets: Mapping[str, int]) -> DeltaTensor:

@@ -1,8 +1,7 @@
-"""Apply a delta to an in-memory model, remove it again, and fingerprint a base."""
+"""Apply a delta to an in-memory model and remove it again, checking its base first."""
 
 from __future__ import annotations
 
-import hashlib
 import weakref
 from collections.abc import Iterable, Mapping
 from typing import NamedTuple
@@ -13,24 +12,26 @@ from torch import Tensor, nn
 from spdelta.delta import SparseDelta
 from spdelta.errors import BaseMismatchError, KeyMismatchError, ShapeError, format_names
 from spdelta.format.constants import KEY_FINGERPRINT
+from spdelta.format.fingerprint import (
+    check_fingerprint,
+    fingerprint_tensors,
+    legacy_combine,
+    legacy_positions,
+    legacy_sample,
+)
 from spdelta.functional import accumulate_dtype
+from spdelta.hf._layout import checkpoint_tensors
 from spdelta.hf._names import candidates, resolve_names
 from spdelta.hf.layout import CheckpointLayout
 
 __all__ = [
     "BaseMismatchError",
     "apply_to_model",
-    "combine_samples",
-    "fingerprint",
-    "fingerprint_sample",
     "model_delta",
     "model_prefixes",
     "remove_from_model",
     "tied_aliases",
 ]
-
-_SAMPLES = 1024
-
 
 def tied_aliases(model: nn.Module) -> dict[str, str]:
     """Alias name -> canonical name for parameters that share storage (tied weights).
@@ -60,43 +61,6 @@ def model_prefixes(model: nn.Module) -> list[str]:
     """
     prefix = getattr(model, "base_model_prefix", "")
     return [prefix + "."] if prefix else []
-
-
-def fingerprint(params: Mapping[str, Tensor], names: Iterable[str]) -> str:
-    """A short hash identifying the base tensors ``names`` (spec §5).
-
-    ``sha256`` over, for each name in sorted order: the name, the shape, and the
-    fp32 values at 1,024 evenly spaced flat positions (all of them when fewer).
-    Cheap to compute on any checkpoint, and it changes when the base does.
-
-    Args:
-        params: Name -> dense tensor.
-        names: The names to cover (e.g. the delta's tensor names, after mapping).
-
-    Returns:
-        ``"sha256:<first 16 hex digits>"``.
-
-    Example:
-        >>> fingerprint({"w": torch.ones(3)}, ["w"]) == fingerprint({"w": torch.ones(3)}, ["w"])
-        True
-    """
-    return combine_samples({n: fingerprint_sample(n, params[n]) for n in names})
-
-
-def fingerprint_sample(name: str, t: Tensor) -> bytes:
-    """The bytes :func:`fingerprint` hashes for one tensor (small: <= 4 KiB of values)."""
-    flat = t.detach().reshape(-1)
-    pos = torch.linspace(0, max(flat.numel() - 1, 0), min(_SAMPLES, flat.numel())).long()
-    head = f"{name}:{list(t.shape)}:".encode()
-    return head + flat[pos.to(flat.device)].to("cpu", torch.float32).numpy().tobytes()
-
-
-def combine_samples(samples: Mapping[str, bytes]) -> str:
-    """Hash per-tensor samples (name -> :func:`fingerprint_sample`) in name order."""
-    h = hashlib.sha256()
-    for name in sorted(samples):
-        h.update(samples[name])
-    return "sha256:" + h.hexdigest()[:16]
 
 
 def resolve_delta(model: nn.Module, names: Iterable[str]
@@ -189,20 +153,40 @@ def _base_tensors(model: nn.Module, delta: SparseDelta) -> dict[str, Tensor]:
     out = {n: params[t] for n, t in mapping.items() if t in params}
     via = {t: n for n, t in mapping.items() if t not in params}
     if via and layout is not None:
-        out.update({via[c]: t for c, t in layout.checkpoint_tensors(names=via)})
+        out.update({via[c]: t for c, t in layout.checkpoint_tensors(names=via).items()})
     return out
+
+
+def legacy_fingerprint(targets: Mapping[str, Tensor]) -> str:
+    """The legacy ``sha256:`` fingerprint over a delta's base tensors (files before format 1.2).
+
+    Args:
+        targets: Delta name -> the base tensor it addresses, in the delta's layout.
+
+    Example:
+        >>> legacy_fingerprint({"w": torch.ones(3)})[:7]
+        'sha256:'
+    """
+    samples = {}
+    for name, t in targets.items():
+        pos = torch.tensor(legacy_positions(t.numel()), dtype=torch.int64, device=t.device)
+        samples[name] = legacy_sample(name, t.detach().reshape(-1)[pos], t.shape)
+    return legacy_combine(samples)
 
 
 def _check_base(model: nn.Module, delta: SparseDelta) -> None:
     expected = delta.metadata.get(KEY_FINGERPRINT)
-    if expected is None:
-        return
-    base = _base_tensors(model, delta)
-    found = fingerprint(base, base)
-    if found != expected:
+    found = check_fingerprint(
+        expected,
+        current=lambda: fingerprint_tensors(checkpoint_tensors(model)),
+        # the legacy rule covers the delta's own tensors, in the delta's names and layout
+        legacy=lambda: legacy_fingerprint(_base_tensors(model, delta)),
+    )
+    if found is not None:
         raise BaseMismatchError(
             f"base model fingerprint: the delta was made for {expected}, this model is {found}; "
-            "load the right base model, or pass check_base=False to apply anyway."
+            "load the base model the delta was made for, in the dtype of its checkpoint, or "
+            "pass check_base=False to apply anyway."
         )
 
 

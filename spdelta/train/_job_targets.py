@@ -1,4 +1,4 @@
-"""A training job's targets: their checkpoint layout and fingerprint, and what its log says."""
+"""A training job's targets: their checkpoint layout, and what the job's log says of them."""
 
 from __future__ import annotations
 
@@ -6,32 +6,25 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
-from torch import Tensor
-
 
 class JobTargets(NamedTuple):
     """The target weights of a job and what the job reports about them."""
 
     names: list[str]  # model parameter names, sorted
     layout: Any  # spdelta.hf.layout.CheckpointLayout: the delta is written in checkpoint names
-    fingerprint: str  # over the checkpoint tensors the delta touches
     left_out: dict[str, list[str]]  # what 'all-linear' skipped, by kind
     reference: list[str]  # targets without a fast kernel (a dense merge each step)
 
 
-def job_targets(model: Any, base: Mapping[str, Tensor], spec: str) -> JobTargets:
-    """Resolve ``spec`` on ``model``; fingerprint the checkpoint tensors they live in."""
+def job_targets(model: Any, spec: str) -> JobTargets:
+    """Resolve ``spec`` on ``model``; its checkpoint layout, what was left out, slow ones."""
     from spdelta.hf.layout import CheckpointLayout
-    from spdelta.hf.model import combine_samples, fingerprint_sample
     from spdelta.kernels import ExpertsRouter, LinearRouter
     from spdelta.targets import ALL_LINEAR, left_out, resolve_targets
 
     names = resolve_targets(model, spec)
-    layout = CheckpointLayout(model)
-    on_disk = layout.checkpoint_names(names)
-    samples = {n: fingerprint_sample(n, t) for n, t in layout.checkpoint_tensors(base, on_disk)}
     fast = LinearRouter(model).names | ExpertsRouter(model).names
-    return JobTargets(names, layout, combine_samples(samples),
+    return JobTargets(names, CheckpointLayout(model),
                       left_out(model, names) if spec == ALL_LINEAR else {},
                       sorted(set(names) - fast))
 

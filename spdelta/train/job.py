@@ -252,6 +252,18 @@ class _Run:
                         self.device)
 
 
+def _base_fingerprint(source: str, model: Any) -> str:
+    """The checkpoint's fingerprint from disk (whatever dtype it is loaded in), else the model's."""
+    from spdelta.hf import CheckpointError, checkpoint_fingerprint, fingerprint
+
+    if os.path.isdir(source):
+        try:
+            return checkpoint_fingerprint(source)
+        except CheckpointError:  # e.g. a pytorch_model.bin checkpoint: the loaded model stands in
+            pass
+    return fingerprint(model)
+
+
 def _setup(cfg: TrainConfig, say: Callable[[str], None]) -> _Run:
     """Join the process group (under ``torchrun``); load the model onto the device, and the data."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -274,11 +286,11 @@ def _setup(cfg: TrainConfig, say: Callable[[str], None]) -> _Run:
                              f"torchrun (found world size {world}), no --nf4, and SPEFT or "
                              "SpIEL-AG; drop --fsdp to train data-parallel instead.")
     base = {n: p.detach() for n, p in model.named_parameters()}
-    targets = job_targets(model, base, cfg.targets)
+    targets = job_targets(model, cfg.targets)
     names = targets.names
     run = _Run(env.rank, world, device, say if env.rank == 0 else (lambda _: None), model, data,
                _total_steps(cfg, data), base, {n: tuple(base[n].shape) for n in names},
-               targets.fingerprint, targets)
+               _base_fingerprint(cfg.model, model), targets)
     run.speak(f"model {cfg.model}: {len(names)} target tensors, "
               f"{sum(math.prod(s) for s in run.shapes.values()):,} target entries; data "
               f"{cfg.data}: {data.n} rows ({data.format}), {run.total} steps of {cfg.batch_size}"

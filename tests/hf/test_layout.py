@@ -144,7 +144,8 @@ def test_both_layouts_apply_to_both_checkpoint_layouts(archs: SimpleNamespace,
     import transformers
     from safetensors.torch import save_file
 
-    from spdelta.hf import apply_to_checkpoint, fingerprint
+    from spdelta.hf import apply_to_checkpoint
+    from spdelta.hf.model import legacy_fingerprint
 
     per_expert = arch_dir("mixtral")
     fused = tmp_path / "fused"
@@ -160,10 +161,12 @@ def test_both_layouts_apply_to_both_checkpoint_layouts(archs: SimpleNamespace,
                             for n, p in params.items() if "experts" in n or "gate" in n})
     in_ckpt = layout.to_checkpoint(in_model)
     stored = dict(layout.checkpoint_tensors())
-    deltas = {"fused": in_model.with_metadata(
-                  {"spdelta.base_model.fingerprint": fingerprint(params, in_model.keys())}),
-              "per-expert": in_ckpt.with_metadata(
-                  {"spdelta.base_model.fingerprint": fingerprint(stored, in_ckpt.keys())})}
+    # The legacy (pre-1.2) fingerprint covers the delta's own tensors, so it is defined in
+    # either layout; base1 covers the whole checkpoint and so names the directory's layout.
+    deltas = {"fused": in_model.with_metadata({"spdelta.base_model.fingerprint":
+                  legacy_fingerprint({n: params[n] for n in in_model.keys()})}),
+              "per-expert": in_ckpt.with_metadata({"spdelta.base_model.fingerprint":
+                  legacy_fingerprint({n: stored[n] for n in in_ckpt.keys()})})}
     batch = archs.batch("mixtral")
     apply_to_model(model, in_model)
     with torch.no_grad():
@@ -178,3 +181,18 @@ def test_both_layouts_apply_to_both_checkpoint_layouts(archs: SimpleNamespace,
             wrong = delta.with_metadata({"spdelta.base_model.fingerprint": "sha256:" + "0" * 16})
             with pytest.raises(ValueError, match="fingerprint"):
                 apply_to_checkpoint(base, wrong, tmp_path / "refused")
+
+
+def test_moe_model_in_memory_has_its_checkpoint_fingerprint(moe_arch: str, archs: SimpleNamespace,
+                                                           arch_dir: Callable[[str], Path]
+                                                           ) -> None:
+    """The base1 fingerprint (spec §5.1) of a loaded MoE model is computed over the
+    per-expert tensors save_pretrained writes, so it equals the directory's."""
+    import transformers
+
+    from spdelta.hf import checkpoint_tensors, fingerprint
+
+    path = arch_dir(moe_arch)
+    model = getattr(transformers, archs.ARCHS[moe_arch][1]).from_pretrained(path)
+    assert set(checkpoint_tensors(model)) == set(load_file(str(path / "model.safetensors")))
+    assert fingerprint(model) == fingerprint(path)
