@@ -27,6 +27,7 @@ __all__ = [
     "MetadataError",
     "NonFiniteError",
     "NotSpdeltaError",
+    "OutputBusyError",
     "OutputExistsError",
     "ParameterError",
     "ShapeError",
@@ -129,6 +130,10 @@ class BaseMismatchError(SpdeltaError):
 
 class OutputExistsError(SpdeltaError, FileExistsError):
     """The output path exists and overwriting was not allowed."""
+
+
+class OutputBusyError(SpdeltaError):
+    """Another spdelta run holds the output (or checkpoint directory) this run would write."""
 
 
 class DataError(SpdeltaError):

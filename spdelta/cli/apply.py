@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Any
 
+from spdelta._io import refuse_overlap
 from spdelta.cli._common import new_parser
 from spdelta.format import load_delta
 from spdelta.hf import apply_to_checkpoint, checkpoint_shards
@@ -42,6 +43,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Patch ``args.base`` with ``args.delta`` into ``args.output``; print a summary."""
+    refuse_overlap(args.output, {"base": args.base, "delta": args.delta})  # --force or not
     delta = load_delta(args.delta)
     shards = checkpoint_shards(args.base)
     apply_to_checkpoint(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +15,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from spdelta._io import claim, make_temp_dir, refuse_overlap, user_os_error
 from spdelta.delta import SparseDelta
 from spdelta.errors import (
     BaseMismatchError,
@@ -120,26 +120,40 @@ def _tied_aliases(path: Path, keys: set[str]) -> tuple[dict[str, str], list[str]
 
 
 @contextmanager
-def _atomic_dir(out: Path, overwrite: bool) -> Iterator[Path]:
-    """A temp dir beside ``out``, renamed to ``out`` on success and removed on failure."""
+def _atomic_dir(out: Path, overwrite: bool,
+                inputs: Mapping[str, str | os.PathLike[str]] | None = None) -> Iterator[Path]:
+    """A temp dir beside ``out``, renamed to ``out`` on success and removed on failure.
+
+    Everything that could refuse is checked before the work: ``out`` overlapping an
+    input (role -> path), ``out`` being a file, ``out`` existing without ``overwrite``, another run
+    writing it (:func:`spdelta._io.claim`).
+    """
+    refuse_overlap(out, dict(inputs or {}))
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{str(out)!r} is a file, and the output is a checkpoint "
+                                "directory; remove it or choose another output.")
     if out.exists() and not overwrite:
         raise OutputExistsError(
             f"{str(out)!r} exists; pass overwrite=True (--force) to replace it."
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise user_os_error(out, e) from e
+    with claim(out):
+        tmp = Path(make_temp_dir(out))
+        try:
+            yield tmp
+            if out.exists():
+                old = Path(make_temp_dir(out, "old"))
+                os.replace(out, old)  # onto an empty dir of our own: always allowed
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def _patched(t: Tensor, key: str, name: str, delta: SparseDelta, alpha: float) -> Tensor:
@@ -203,7 +217,7 @@ def apply_to_checkpoint(
     by_key = {key: name for name, key in mapping.items()}
     if check_base:  # before any work: it reads a few KiB per tensor
         _check_fingerprint(root, delta, mapping)
-    with _atomic_dir(out_path, overwrite) as tmp:
+    with _atomic_dir(out_path, overwrite, {"base": root}) as tmp:
         for shard, names in tqdm(shards.items(), desc="apply", unit="shard", disable=not progress):
             tensors = {}
             with safe_open(str(root / shard), framework="pt") as f:

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_map_only
 
-from spdelta.errors import DataError, OutputExistsError, ParameterError
-from spdelta.train._job_io import ckpt_dir, finish, job_file, load_job, save_job
+from spdelta.errors import DataError, ParameterError
+from spdelta.train._job_io import ckpt_dir, claim_run, finish, job_file, load_job, save_job
 from spdelta.train._job_steps import (
     budget_density,
     fsdp_engine,
@@ -150,9 +150,6 @@ def _check(cfg: TrainConfig) -> None:
         raise ParameterError(f"regrowth: expected 'ag' or 'ma'; found {cfg.regrowth!r}.")
     if cfg.stop_after is not None and cfg.stop_after < 1:
         raise ParameterError(f"stop_after: expected >= 1; found {cfg.stop_after}.")
-    if os.path.exists(cfg.output) and not cfg.force:
-        raise OutputExistsError(f"output {cfg.output!r} exists; pass --force to replace it or "
-                                "choose another -o.")
 
 
 def _device(cfg: TrainConfig, env: Any) -> torch.device:
@@ -397,8 +394,15 @@ def train_job(cfg: TrainConfig, *, say: Callable[[str], None] = print) -> dict[s
         A summary dict: ``steps``, ``finished`` (False when ``stop_after`` stopped it),
         ``loss_first``, ``loss_last``, ``nnz``, ``seconds``, ``tokens_per_s`` and paths.
 
+    The output files and the checkpoint directory are claimed first (an ``flock`` beside
+    each, held to the end): a second run on either fails at once, and nothing is
+    overwritten without ``force``. A checkpoint directory holding files spdelta did not
+    write (no ``spdelta-checkpoint.json``) is refused; at the end only what spdelta
+    wrote there is removed.
+
     Raises:
         ParameterError, DataError, OutputExistsError: Bad settings or data.
+        OutputBusyError: Another run holds the output or the checkpoint directory.
 
     Example:
         >>> cfg = TrainConfig(model="ckpt/", data="train.jsonl", output="d.safetensors",
@@ -407,6 +411,11 @@ def train_job(cfg: TrainConfig, *, say: Callable[[str], None] = print) -> dict[s
     """
     _check(cfg)
     ckpt = ckpt_dir(cfg)
+    with claim_run(cfg, int(os.environ.get("RANK", "0"))):  # under torchrun: rank 0 claims
+        return _train(cfg, ckpt, say)
+
+
+def _train(cfg: TrainConfig, ckpt: Path, say: Callable[[str], None]) -> dict[str, Any]:
     job = job_file(ckpt, cfg) if cfg.resume else None  # fail before the slow part
     if not cfg.progress:
         _quiet_libraries()
