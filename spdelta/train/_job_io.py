@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from spdelta._io import atomic_write, claim, user_os_error
+from spdelta._io import atomic_write, claim, remove_stale, user_os_error
 from spdelta.delta import SparseDelta
 from spdelta.errors import OutputExistsError, ParameterError, SpdeltaError
 from spdelta.format.constants import KEY_BASE_MODEL, KEY_FINGERPRINT, KEY_TRAINING
@@ -39,7 +39,7 @@ RUN_ONLY = frozenset({"checkpoint_every", "checkpoint_dir", "resume", "stop_afte
 #: The file that marks a checkpoint directory as spdelta's, and what spdelta writes there.
 MARKER = "spdelta-checkpoint.json"
 _MARKER_FORMAT = "spdelta.train_checkpoint/1"
-OWN = (MARKER, "job.json", "state", "state.tmp", "state.old")
+OWN = (MARKER, "job.json", "state", "state.tmp", "state.old")  # .tmp/.old: earlier versions
 
 
 def ckpt_dir(cfg: TrainConfig) -> Path:
@@ -120,6 +120,10 @@ def remove_checkpoint(ckpt: Path) -> list[str]:
     if not marker.is_file():
         return []
     created = json.loads(marker.read_text()).get("created_directory") is True
+    for name in ("job.json", "state"):  # and what killed writes left beside them
+        remove_stale(ckpt / name)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(ckpt / f".{name}.lock")
     for name in OWN[1:]:
         path = ckpt / name
         if path.is_dir() and not path.is_symlink():

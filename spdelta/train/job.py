@@ -377,7 +377,8 @@ def train_job(cfg: TrainConfig, *, say: Callable[[str], None] = print) -> dict[s
        on ``seed`` and ``t``. A tqdm bar shows the loss and tokens/s. Every
        ``checkpoint_every`` steps the state (values, support, optimizer, AG
        accumulators, torch RNG, step = data position) is saved atomically with
-       ``torch.distributed.checkpoint`` under ``checkpoint_dir``; ``resume`` continues
+       :func:`spdelta.dist.save_checkpoint` (safetensors + JSON: resuming reads no pickle)
+       under ``checkpoint_dir``; ``resume`` continues
        from it and ends with the same delta, bit for bit, as an uninterrupted run.
     4. Write the delta (metadata: base model, fingerprint, method and settings), the
        JSON log (config, one record per step, summary) and the loss-curve PNG.
