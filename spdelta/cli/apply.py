@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from spdelta._io import refuse_overlap
-from spdelta.cli._common import new_parser
+from spdelta.cli._common import finite, new_parser
 from spdelta.format import load_delta
 from spdelta.hf import apply_to_checkpoint, checkpoint_shards
 
@@ -32,7 +32,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--delta", required=True, metavar="DELTA", help="a spdelta file")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output directory")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
-    p.add_argument("--alpha", type=float, default=1.0, help="scale of the delta (default 1)")
+    p.add_argument("--alpha", type=finite, default=1.0, help="scale of the delta (default 1)")
     p.add_argument(
         "--allow-base-mismatch",
         action="store_true",

@@ -35,6 +35,7 @@ from spdelta.format.fingerprint import (
 )
 from spdelta.functional import add_at
 from spdelta.hf._names import resolve_names
+from spdelta.hf.model import check_alpha, check_overflow
 
 __all__ = [
     "CheckpointError",
@@ -164,7 +165,9 @@ def _patched(t: Tensor, key: str, name: str, delta: SparseDelta, alpha: float) -
             f"{name!r}: the delta is for shape {list(e.shape)} but the "
             f"checkpoint's {key!r} has {list(t.shape)}; use the right base."
         )
-    return add_at(t, e.indices, e.values, alpha)
+    out = add_at(t, e.indices, e.values, alpha)
+    check_overflow(name, t.reshape(-1)[e.indices], out.reshape(-1)[e.indices], alpha)
+    return out
 
 
 def apply_to_checkpoint(
@@ -197,6 +200,8 @@ def apply_to_checkpoint(
 
     Raises:
         CheckpointError, KeyMismatchError, ShapeError, BaseMismatchError, OutputExistsError.
+        ParameterError: ``alpha`` is not finite, or ``alpha * delta`` overflows a weight's
+            dtype (checked before the shard is written).
 
     Example:
         >>> import tempfile, torch
@@ -209,6 +214,7 @@ def apply_to_checkpoint(
         >>> load_file(dst + "/model.safetensors")["w"].tolist()
         [0.0, 1.0]
     """
+    check_alpha(alpha)
     root, out_path = Path(base), Path(out)
     shards = checkpoint_shards(root)
     keys = {k for names in shards.values() for k in names}

@@ -150,6 +150,24 @@ def _check(cfg: TrainConfig) -> None:
         raise ParameterError(f"regrowth: expected 'ag' or 'ma'; found {cfg.regrowth!r}.")
     if cfg.stop_after is not None and cfg.stop_after < 1:
         raise ParameterError(f"stop_after: expected >= 1; found {cfg.stop_after}.")
+    _check_numbers(cfg)
+
+
+def _check_numbers(cfg: TrainConfig) -> None:
+    """Every float setting is finite and in its range (``inf``/``nan`` would train garbage)."""
+    ranges = {"density": (cfg.density, 0.0, 1.0, False), "lr": (cfg.lr, 0.0, math.inf, True),
+              "weight_decay": (cfg.weight_decay, 0.0, math.inf, False),
+              "epochs": (cfg.epochs, 0.0, math.inf, True),
+              "initial_fraction": (cfg.initial_fraction, 0.0, 1.0, False)}
+    for name, (value, low, high, open_low) in ranges.items():
+        if value is None:
+            continue
+        ok = math.isfinite(value) and low <= value <= high and not (open_low and value == low)
+        if not ok:
+            flag = "--" + name.replace("_", "-")
+            left = "(" if open_low else "["
+            raise ParameterError(f"{name} ({flag}): expected a finite number in {left}{low:g}, "
+                                 f"{high:g}]; found {value!r}.")
 
 
 def _device(cfg: TrainConfig, env: Any) -> torch.device:
