@@ -16,10 +16,11 @@ import os
 import re
 import secrets
 import shutil
+import stat
 from collections.abc import Iterator, Mapping
 from typing import BinaryIO
 
-from spdelta.errors import OutputBusyError, OutputExistsError
+from spdelta.errors import NotRegularFileError, OutputBusyError, OutputExistsError
 
 try:
     import fcntl
@@ -28,8 +29,10 @@ except ImportError:  # pragma: no cover - Windows: O_EXCL lock files instead
 
 __all__ = [
     "atomic_write",
+    "check_regular",
     "claim",
     "make_temp_dir",
+    "open_input",
     "refuse_overlap",
     "remove_stale",
     "user_os_error",
@@ -45,6 +48,73 @@ def user_os_error(path: str | os.PathLike[str], e: OSError) -> OSError:
     """
     err = type(e)(e.errno, f"cannot write {os.fspath(path)!r}: {e.strerror or e}")
     return err
+
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISDIR, "a directory"))
+
+
+def _not_regular(path: str | os.PathLike[str], mode: int, what: str) -> NotRegularFileError:
+    kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    return NotRegularFileError(f"{os.fspath(path)!r} is {kind}, not a regular file; give "
+                               f"{what}.")
+
+
+def check_regular(path: str | os.PathLike[str], what: str = "a file") -> None:
+    """Refuse a path that is not a regular file (a FIFO, socket, device or directory).
+
+    Reading a FIFO blocks until something writes to it, and a device has no size (``stat``
+    says 0 bytes for ``/dev/zero``): such inputs are refused at once, before any read.
+
+    Raises:
+        NotRegularFileError: ``path`` exists and is not a regular file.
+        OSError: ``path`` cannot be examined (e.g. it does not exist).
+
+    Example:
+        >>> check_regular("/dev/zero", "a delta file")
+        Traceback (most recent call last):
+        ...
+        spdelta.errors.NotRegularFileError: '/dev/zero' is a character device, not a regular \
+file; give a delta file.
+    """
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise _not_regular(path, mode, what)
+
+
+def open_input(path: str | os.PathLike[str], what: str = "a file") -> BinaryIO:
+    """Open a regular file for binary reading; refuse a FIFO, socket or device at once.
+
+    The path is checked with ``stat``, then opened non-blocking (so a FIFO swapped in
+    meanwhile cannot hang the open), checked again with ``fstat`` on the descriptor, and
+    switched back to blocking reads.
+
+    Raises:
+        NotRegularFileError: ``path`` is not a regular file.
+        OSError: ``path`` cannot be opened.
+
+    Example:
+        >>> import os, tempfile
+        >>> p = os.path.join(tempfile.mkdtemp(), "x")
+        >>> open(p, "wb").close()
+        >>> with open_input(p) as f:
+        ...     f.read()
+        b''
+    """
+    check_regular(path, what)  # names a socket, which cannot even be opened
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, flags)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise _not_regular(path, mode, what)
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def refuse_overlap(output: str | os.PathLike[str],

@@ -26,6 +26,7 @@ __all__ = [
     "LengthError",
     "MetadataError",
     "NonFiniteError",
+    "NotRegularFileError",
     "NotSpdeltaError",
     "OutputBusyError",
     "OutputExistsError",
@@ -130,6 +131,10 @@ class BaseMismatchError(SpdeltaError):
 
 class OutputExistsError(SpdeltaError, FileExistsError):
     """The output path exists and overwriting was not allowed."""
+
+
+class NotRegularFileError(SpdeltaError):
+    """An input is a FIFO, socket or device, not a regular file (reading it could block)."""
 
 
 class OutputBusyError(SpdeltaError):

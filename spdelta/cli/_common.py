@@ -23,6 +23,7 @@ __all__ = [
     "new_parser",
     "non_negative",
     "positive",
+    "printable",
     "print_json",
 ]
 
@@ -158,6 +159,30 @@ def scalar_or_list(values: list[float] | None) -> float | list[float] | None:
     if values is None:
         return None
     return values[0] if len(values) == 1 else values
+
+
+def printable(text: str, *, backslash: bool = True) -> str:
+    r"""``text`` safe to print on a terminal: control and format characters escaped.
+
+    Escape sequences in a tensor name or metadata value (``\x1b[2J`` clears the screen,
+    ``\u202e`` reverses the text) are shown as escapes, as ``repr`` does, and so is a
+    backslash (unless ``backslash`` is false, for text already quoted with ``repr``),
+    so that the output is unambiguous.
+
+    Example:
+        >>> print(printable("w\x1b[31m\u202e\\"))
+        w\x1b[31m\u202e\\
+    """
+    return "".join(ch if ch.isprintable() and (ch != "\\" or not backslash) else _escape(ch)
+                   for ch in text)
+
+
+def _escape(ch: str) -> str:
+    if ch == "\\":
+        return "\\\\"
+    code = ord(ch)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 \
+        else f"\\U{code:08x}"
 
 
 def command_of(args: argparse.Namespace) -> str | None:

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from types import ModuleType
 from typing import Any
 
+from spdelta.cli._common import printable
 from spdelta.errors import SpdeltaError, SpdeltaWarning
 
 __all__ = ["build_parser", "cli_words", "main", "merge_main"]
@@ -87,7 +88,7 @@ def _one_line_warnings(prefix: str) -> Iterator[None]:
 
         def show(message: Warning | str, category: type[Warning], *rest: Any, **kw: Any) -> None:
             if issubclass(category, SpdeltaWarning):
-                line = cli_words(str(message)).replace("\n", " ")
+                line = printable(cli_words(str(message)).replace("\n", " "), backslash=False)
                 print(f"{prefix}: warning: {line}", file=sys.stderr)
             else:
                 shown(message, category, *rest, **kw)
@@ -109,7 +110,7 @@ def _dispatch(parser: argparse.ArgumentParser, argv: Sequence[str] | None, comma
     except (SpdeltaError, OSError) as exc:
         if args.debug:
             traceback.print_exc()
-        message = cli_words(str(exc)).replace("\n", " ")
+        message = printable(cli_words(str(exc)).replace("\n", " "), backslash=False)
         print(f"{parser.prog} {args._name}: error: {message}", file=sys.stderr)
         return 1
 

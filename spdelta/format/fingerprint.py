@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import Tensor
 
+from spdelta._io import open_input
 from spdelta.errors import ParameterError, SpdeltaWarning
 from spdelta.format._container import parse_header
 from spdelta.format.constants import DTYPE_BITS, SAFETENSORS_DTYPES
@@ -175,7 +176,7 @@ def file_records(path: str | os.PathLike[str], names: Iterable[str] | None = Non
         >>> file_records(p)["w"] == tensor_record("w", torch.arange(3000.0))
         True
     """
-    with open(path, "rb") as f:
+    with open_input(path, "a safetensors file") as f:
         header = parse_header(f, os.fstat(f.fileno()).st_size)
         out = {}
         for name in header.tensors if names is None else names:
@@ -208,7 +209,7 @@ def legacy_file_sample(path: str | os.PathLike[str], key: str, name: str) -> byt
         >>> legacy_file_sample(p, "w", "w") == legacy_sample("w", torch.arange(6.0), [6])
         True
     """
-    with open(path, "rb") as f:
+    with open_input(path, "a safetensors file") as f:
         header = parse_header(f, os.fstat(f.fileno()).st_size)
         t = header.tensors[key]
         if t.dtype not in _TORCH:

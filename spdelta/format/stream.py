@@ -36,7 +36,7 @@ from typing import BinaryIO
 
 import torch
 
-from spdelta._io import atomic_write, claim, user_os_error
+from spdelta._io import atomic_write, claim, open_input, user_os_error
 from spdelta.delta import DeltaTensor, _combine
 from spdelta.errors import OutputExistsError, ParameterError, SpdeltaError
 from spdelta.format._container import encode_header
@@ -79,7 +79,7 @@ class DeltaReader:
         assert scan.header is not None  # no problems means the header parsed
         self._scan = scan
         self._header = scan.header
-        self._file: BinaryIO | None = open(self.path, "rb")  # noqa: SIM115 - closed in close()
+        self._file: BinaryIO | None = open_input(self.path, "a delta file")  # closed in close()
 
     @property
     def names(self) -> list[str]:

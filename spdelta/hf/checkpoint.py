@@ -15,11 +15,12 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from spdelta._io import claim, make_temp_dir, refuse_overlap, user_os_error
+from spdelta._io import check_regular, claim, make_temp_dir, refuse_overlap, user_os_error
 from spdelta.delta import SparseDelta
 from spdelta.errors import (
     BaseMismatchError,
     ContainerError,
+    NotRegularFileError,
     OutputExistsError,
     ParameterError,
     ShapeError,
@@ -69,16 +70,24 @@ def checkpoint_shards(path: str | os.PathLike[str]) -> dict[str, list[str]]:
     """
     root = Path(path)
     index = root / INDEX_FILE
+    for name in (INDEX_FILE, SINGLE_FILE):  # a FIFO here would hang the read below
+        if (root / name).exists() and not (root / name).is_file():
+            check_regular(root / name, f"a {name} file")
     try:
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
             shards: dict[str, list[str]] = {}
             for name, shard in sorted(weight_map.items()):
                 shards.setdefault(shard, []).append(name)
+            for shard in shards:
+                if (root / shard).exists():  # a missing shard fails later, naming itself
+                    check_regular(root / shard, "a safetensors shard")
             return shards
         if (root / SINGLE_FILE).is_file():
             with safe_open(str(root / SINGLE_FILE), framework="pt") as f:
                 return {SINGLE_FILE: sorted(f.keys())}
+    except NotRegularFileError:
+        raise
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(
             f"{str(path)!r}: cannot read the checkpoint index ({exc}); "
