@@ -31,6 +31,7 @@ __all__ = [
     "atomic_write",
     "check_regular",
     "claim",
+    "is_temp_of",
     "make_temp_dir",
     "open_input",
     "refuse_overlap",
@@ -182,6 +183,16 @@ def _stale_pattern(base: str) -> re.Pattern[str]:
     return re.compile(rf"\.{name}\.(?:[0-9a-f]{{12}}\.(?:tmp|old)|[a-z0-9_]{{8}}\.tmp|old)")
 
 
+def is_temp_of(entry: str, base: str) -> bool:
+    """Whether the name ``entry`` is one spdelta gives a temp file or dir of output ``base``.
+
+    Example:
+        >>> is_temp_of(".a.st.0123456789ab.tmp", "a.st"), is_temp_of("a.st.tmp", "a.st")
+        (True, False)
+    """
+    return _stale_pattern(base).fullmatch(entry) is not None
+
+
 def remove_stale(path: str | os.PathLike[str]) -> list[str]:
     """Remove the temp files and dirs of spdelta's naming beside ``path``; return their names.
 
@@ -195,10 +206,9 @@ def remove_stale(path: str | os.PathLike[str]) -> list[str]:
         (['.a.st.0123456789ab.tmp'], [])
     """
     folder, base = os.path.split(os.path.abspath(os.fspath(path)))
-    pattern = _stale_pattern(base)
     removed = []
     for entry in sorted(os.listdir(folder)):
-        if not pattern.fullmatch(entry):
+        if not is_temp_of(entry, base):
             continue
         full = os.path.join(folder, entry)
         with contextlib.suppress(OSError):

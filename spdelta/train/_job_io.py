@@ -1,31 +1,28 @@
 """A training job's files: its checkpoint (state, log, settings) and its outputs.
 
-The checkpoint directory holds ``spdelta-checkpoint.json`` (the marker: spdelta wrote
-this directory), ``job.json`` (the comparable settings and the log) and ``state/``
-(:func:`spdelta.dist.save_checkpoint`). The outputs are the delta file,
-``<output>.log.json`` and ``<output>.loss.png``. A run claims the output and the
-checkpoint directory at start (:func:`spdelta._io.claim`); a checkpoint directory that
-holds anything without the marker is refused, and only what spdelta wrote is removed.
+The checkpoint directory holds ``spdelta-checkpoint.json`` (the marker, see
+:mod:`spdelta.train._job_dir`), ``job.json`` (the comparable settings and the log) and
+``state/`` (:func:`spdelta.dist.save_checkpoint`). The outputs are the delta file,
+``<output>.log.json`` and ``<output>.loss.png``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import filecmp
 import io
 import json
-import os
-import shutil
-from collections.abc import Iterator
+import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from spdelta._io import atomic_write, claim, remove_stale, user_os_error
+from spdelta._io import atomic_write
 from spdelta.delta import SparseDelta
 from spdelta.errors import OutputExistsError, ParameterError, SpdeltaError
 from spdelta.format.constants import KEY_BASE_MODEL, KEY_FINGERPRINT, KEY_TRAINING
+from spdelta.train._job_dir import ckpt_dir, mark, outputs, remove_checkpoint
 from spdelta.train._spiel_io import SpielState
 
 if TYPE_CHECKING:
@@ -34,107 +31,6 @@ if TYPE_CHECKING:
 # Fields that change how a run is executed, not what it computes: free to differ on resume.
 RUN_ONLY = frozenset({"checkpoint_every", "checkpoint_dir", "resume", "stop_after", "progress",
                       "force", "fsdp", "device"})
-
-
-#: The file that marks a checkpoint directory as spdelta's, and what spdelta writes there.
-MARKER = "spdelta-checkpoint.json"
-_MARKER_FORMAT = "spdelta.train_checkpoint/1"
-OWN = (MARKER, "job.json", "state", "state.tmp", "state.old")  # .tmp/.old: earlier versions
-
-
-def ckpt_dir(cfg: TrainConfig) -> Path:
-    return Path(cfg.checkpoint_dir or cfg.output + ".ckpt")
-
-
-def outputs(cfg: TrainConfig) -> list[Path]:
-    """The files a finished run writes: the delta, its JSON log and its loss curve."""
-    out = Path(cfg.output)
-    return [out, out.with_name(out.name + ".log.json"), out.with_name(out.name + ".loss.png")]
-
-
-def _refuse_foreign(ckpt: Path) -> None:
-    """A checkpoint directory must be new, empty, or marked as spdelta's."""
-    if not ckpt.exists() and not ckpt.is_symlink():
-        return
-    if not ckpt.is_dir():
-        raise ParameterError(f"--checkpoint-dir {str(ckpt)!r} is not a directory; choose a new "
-                             "or empty directory.")
-    if (ckpt / MARKER).is_file():
-        return
-    found = sorted(os.listdir(ckpt))
-    if found and set(found) <= set(OWN):
-        raise ParameterError(
-            f"--checkpoint-dir {str(ckpt)!r} holds a checkpoint of an earlier spdelta, whose "
-            "state file format can run code when read; it is not read. Delete the directory "
-            "to start over.")
-    if found:
-        shown = ", ".join(repr(n) for n in found[:5]) + (" ..." if len(found) > 5 else "")
-        raise ParameterError(
-            f"--checkpoint-dir {str(ckpt)!r} holds files spdelta did not write ({shown}); "
-            "spdelta deletes its checkpoint when the run finishes, so it only uses a new or "
-            "empty directory or one of its own checkpoints. Choose another --checkpoint-dir.")
-
-
-@contextlib.contextmanager
-def claim_run(cfg: TrainConfig, rank: int) -> Iterator[None]:
-    """Rank 0 holds the output and the checkpoint directory for the run; checks both first.
-
-    Raises:
-        OutputExistsError: An output exists and ``cfg.force`` is false.
-        OutputBusyError: Another run holds the output or the checkpoint directory.
-        ParameterError: The checkpoint directory holds files spdelta did not write.
-    """
-    if rank != 0:
-        yield
-        return
-    out, ckpt = Path(cfg.output), ckpt_dir(cfg)
-    for folder in {out.absolute().parent, ckpt.absolute().parent}:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise user_os_error(folder, e) from e
-    with claim(out), claim(ckpt):
-        for path in outputs(cfg):
-            if path.exists() and not cfg.force:
-                raise OutputExistsError(f"output {str(path)!r} exists; pass --force to replace "
-                                        "it, or choose another -o.")
-        _refuse_foreign(ckpt)
-        yield
-
-
-def _mark(ckpt: Path) -> None:
-    """Create the checkpoint directory (or adopt an empty one) and write the marker."""
-    if (ckpt / MARKER).is_file():
-        return
-    created = not ckpt.exists()
-    ckpt.mkdir(parents=True, exist_ok=True)
-    write_json(ckpt / MARKER, {"format": _MARKER_FORMAT, "created_directory": created})
-
-
-def remove_checkpoint(ckpt: Path) -> list[str]:
-    """Delete what spdelta wrote in a marked checkpoint directory; return what else is there.
-
-    The directory itself goes only if spdelta created it and nothing else is left.
-    """
-    marker = ckpt / MARKER
-    if not marker.is_file():
-        return []
-    created = json.loads(marker.read_text()).get("created_directory") is True
-    for name in ("job.json", "state"):  # and what killed writes left beside them
-        remove_stale(ckpt / name)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(ckpt / f".{name}.lock")
-    for name in OWN[1:]:
-        path = ckpt / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
-    marker.unlink()
-    left = sorted(os.listdir(ckpt))
-    if created and not left:
-        ckpt.rmdir()
-    return left
 
 
 def comparable(cfg: TrainConfig) -> dict[str, Any]:
@@ -154,7 +50,7 @@ def save_job(ckpt: Path, state: SpielState, cfg: TrainConfig, log: list[dict[str
     from spdelta.dist import save_checkpoint
 
     if rank == 0:
-        _mark(ckpt)
+        mark(ckpt)
         write_json(ckpt / "job.json", {"config": comparable(cfg), "log": log})
     state = state._replace(rng_state=torch.get_rng_state())
     save_checkpoint(state, ckpt / "state")
@@ -215,14 +111,9 @@ def plot_losses(log: list[dict[str, float]], path: Path, title: str, overwrite: 
 
 
 
-def finish(cfg: TrainConfig, run: _Run, model: Any, state: SpielState,
-           log: list[dict[str, float]], summary: dict[str, Any]) -> None:
-    """Write the delta (with its metadata), the JSON log and the loss curve; drop the checkpoint.
-
-    Every rank takes part (an FSDP2 delta is gathered from all of them); rank 0 writes.
-    """
-    from spdelta.format import save_delta
-
+def _delta(cfg: TrainConfig, run: _Run, model: Any, state: SpielState,
+           summary: dict[str, Any]) -> SparseDelta:
+    """The trained delta with its metadata (every rank takes part in an FSDP2 gather)."""
     nnz, entries = summary["nnz"], summary["target_entries"]
     record = {**comparable(cfg), "nnz": nnz, "achieved_density": nnz / max(1, entries),
               "total_steps": run.total, "data_format": run.data.format}
@@ -238,20 +129,54 @@ def finish(cfg: TrainConfig, run: _Run, model: Any, state: SpielState,
         values = {n: got[n].values if n in got else torch.zeros(0) for n in run.shapes}
     else:
         support, values = state.support, state.values
-    delta = SparseDelta.from_support({n: i.cpu() for n, i in support.items()},
-                                     {n: v.cpu() for n, v in values.items()}, run.shapes,
-                                     metadata=meta)
-    out, ckpt = Path(cfg.output), ckpt_dir(cfg)
+    return SparseDelta.from_support({n: i.cpu() for n, i in support.items()},
+                                    {n: v.cpu() for n, v in values.items()}, run.shapes,
+                                    metadata=meta)
+
+
+def _save_or_match(delta: SparseDelta, out: Path, force: bool) -> None:
+    """Write the delta; if ``out`` exists (a resumed run wrote it), it must be these bytes."""
+    from spdelta.format import save_delta
+
+    if force or not out.exists():
+        save_delta(delta, out, overwrite=force)  # checked again, atomically
+        return
+    tmp = out.with_name(f".{out.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        save_delta(delta, tmp)
+        same = filecmp.cmp(tmp, out, shallow=False)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if not same:
+        raise OutputExistsError(f"output {str(out)!r} exists and is not this run's delta; pass "
+                                "--force to replace it, or choose another -o.")
+
+
+def finish(cfg: TrainConfig, run: _Run, model: Any, state: SpielState,
+           log: list[dict[str, float]], summary: dict[str, Any], resumed: bool) -> None:
+    """Write the delta (with its metadata), the JSON log and the loss curve; drop the checkpoint.
+
+    Every rank takes part (an FSDP2 delta is gathered from all of them); rank 0 writes.
+    The marker records first that the outputs are being written; a run killed then is
+    resumed with ``resumed`` (it began writing them): it keeps an existing delta that is
+    byte for byte this run's, and an existing log and loss curve. Nothing else that
+    exists is replaced without ``--force``.
+    """
+    delta = _delta(cfg, run, model, state, summary)
+    out, log_path, png = outputs(cfg)
+    ckpt = ckpt_dir(cfg)
     if run.rank == 0:
-        if out.parent != Path(""):
-            out.parent.mkdir(parents=True, exist_ok=True)
-        _, log_path, png = outputs(cfg)
-        save_delta(delta, out, overwrite=cfg.force)  # checked again, atomically
-        write_json(log_path, {"config": comparable(cfg), "summary": summary, "log": log},
-                   overwrite=cfg.force)
-        plotted = plot_losses(log, png, f"spdelta {cfg.method} on {Path(cfg.model).name}",
-                              cfg.force)
-        run.speak(f"saved {out} ({out.stat().st_size / 1e6:.2f} MB, nnz {nnz:,}); "
+        mark(ckpt, finishing=True)
+        _save_or_match(delta, out, cfg.force)
+        done = [out]
+        if cfg.force or not (resumed and log_path.exists()):
+            write_json(log_path, {"config": comparable(cfg), "summary": summary, "log": log},
+                       overwrite=cfg.force)
+            done.append(log_path)
+        title = f"spdelta {cfg.method} on {Path(cfg.model).name}"
+        plotted = (not cfg.force and resumed and png.exists()) or plot_losses(log, png, title,
+                                                                              cfg.force)
+        run.speak(f"saved {out} ({out.stat().st_size / 1e6:.2f} MB, nnz {delta.nnz:,}); "
                   f"log {log_path}" + (f"; loss curve {png}" if plotted else
                                        "; no loss curve (pip install matplotlib)"))
     if run.world > 1:
