@@ -168,14 +168,12 @@ def finish(cfg: TrainConfig, run: _Run, model: Any, state: SpielState,
     if run.rank == 0:
         mark(ckpt, finishing=True)
         _save_or_match(delta, out, cfg.force)
-        done = [out]
-        if cfg.force or not (resumed and log_path.exists()):
+        keep = resumed and not cfg.force  # a killed run of this job wrote them
+        if not (keep and log_path.exists()):
             write_json(log_path, {"config": comparable(cfg), "summary": summary, "log": log},
                        overwrite=cfg.force)
-            done.append(log_path)
         title = f"spdelta {cfg.method} on {Path(cfg.model).name}"
-        plotted = (not cfg.force and resumed and png.exists()) or plot_losses(log, png, title,
-                                                                              cfg.force)
+        plotted = (keep and png.exists()) or plot_losses(log, png, title, cfg.force)
         run.speak(f"saved {out} ({out.stat().st_size / 1e6:.2f} MB, nnz {delta.nnz:,}); "
                   f"log {log_path}" + (f"; loss curve {png}" if plotted else
                                        "; no loss curve (pip install matplotlib)"))
