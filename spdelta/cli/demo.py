@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 from typing import Any
 
-from spdelta.cli._common import new_parser
+from spdelta.cli._common import fraction, new_parser, positive
 
 NAME = "demo"
 
@@ -23,10 +23,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
          "spdelta demo --bf16 --eval-examples 200"])
     p.add_argument("--out-dir", default=d.out_dir, help=f"outputs (default {d.out_dir})")
     p.add_argument("--cache-dir", default=None, help="model cache (default ~/.cache/spdelta)")
-    p.add_argument("--density", type=float, default=d.density, help=f"default {d.density}")
+    p.add_argument("--density", type=fraction, default=d.density, help=f"default {d.density}")
     p.add_argument("--steps", type=int, default=d.steps, help=f"default {d.steps}")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"default {d.lr}")
+    p.add_argument("--lr", type=positive, default=d.lr, help=f"default {d.lr}")
     p.add_argument("--eval-examples", type=int, default=d.eval_examples,
                    help=f"held-out reviews (default {d.eval_examples})")
     p.add_argument("--bf16", action="store_true",

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 from typing import Any
 
-from spdelta.cli._common import new_parser, print_json
+from spdelta.cli._common import fraction, new_parser, non_negative, positive, print_json
 
 NAME = "train"
 
@@ -42,7 +42,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--metric", choices=sorted(METRICS), default=d.metric,
                    help=f"SPEFT salience (default {d.metric})")
     budget = g.add_mutually_exclusive_group()
-    budget.add_argument("--density", type=float, help="fraction of target entries (default 0.01)")
+    budget.add_argument("--density", type=fraction,
+                        help="fraction of target entries (default 0.01)")
     budget.add_argument("--lora-rank", type=int, help="as many entries as a rank-r LoRA")
     g.add_argument("--targets", default=d.targets,
                    help="'all-linear', module suffixes or a regex (default all-linear)")
@@ -55,11 +56,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--calibration-examples", type=int, default=d.calibration_examples,
                    help=f"SPEFT scoring examples (default {d.calibration_examples})")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--lr", type=float, default=d.lr, help=f"default {d.lr}")
-    o.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    o.add_argument("--lr", type=positive, default=d.lr, help=f"default {d.lr}")
+    o.add_argument("--weight-decay", type=non_negative, default=d.weight_decay)
     length = o.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, help="optimizer steps")
-    length.add_argument("--epochs", type=float, help="passes over the data (default 1)")
+    length.add_argument("--epochs", type=positive, help="passes over the data (default 1)")
     o.add_argument("--batch-size", type=int, default=d.batch_size,
                    help=f"global batch (default {d.batch_size})")
     o.add_argument("--max-length", type=int, default=d.max_length,

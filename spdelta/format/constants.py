@@ -28,6 +28,7 @@ __all__ = [
     "PREFIX",
     "QUANTIZED_BITS",
     "QUANTIZED_VALUE_DTYPES",
+    "SAFETENSORS_DTYPES",
     "SCALE_DTYPE",
     "TORCH_DTYPES",
     "VALUE_DTYPES",
@@ -137,3 +138,12 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 }
 #: Allowed ``::val`` dtypes (V6).
 VALUE_DTYPES = ("F16", "BF16", "F32", "F64")
+
+#: torch dtype -> the safetensors dtype name it is stored as (every dtype both know).
+SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
+    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16",
+    torch.uint16: "U16", torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32",
+    torch.uint32: "U32", torch.float32: "F32", torch.int64: "I64", torch.uint64: "U64",
+    torch.float64: "F64", torch.complex64: "C64", torch.float8_e5m2: "F8_E5M2",
+    torch.float8_e4m3fn: "F8_E4M3",
+}

@@ -47,6 +47,7 @@ from spdelta.format.constants import (
 )
 from spdelta.format.stream import DeltaReader, DeltaWriter
 from spdelta.ops import merge_tensor, union_sum
+from spdelta.ops._common import check_finite_result
 from spdelta.ops.quantize import QuantizedTensor, dequantize_tensor, quantize_tensor
 
 __all__ = [
@@ -321,7 +322,10 @@ def compose_files(
 
     def kernel(name: str, entries: list[DeltaTensor | None], numel: int) -> tuple[Tensor, Tensor]:
         present = [e for e in entries if e is not None]
-        return union_sum([e.indices for e in present], [e.values for e in present])
+        i, v = union_sum([e.indices for e in present], [e.values for e in present])
+        check_finite_result(name, v, "the sum of the inputs",
+                            "scale the inputs down (spdelta merge --weights)")
+        return i, v
 
     return _combine_files(
         "compose",

@@ -30,9 +30,10 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import Tensor
 
+from spdelta._io import open_input
 from spdelta.errors import ParameterError, SpdeltaWarning
 from spdelta.format._container import parse_header
-from spdelta.format.constants import DTYPE_BITS
+from spdelta.format.constants import DTYPE_BITS, SAFETENSORS_DTYPES
 
 __all__ = [
     "ALGORITHM",
@@ -57,14 +58,7 @@ LEGACY = "sha256"
 _HEX = 32
 _WHOLE_READ = 1 << 16  # tensors up to this many bytes are read in one go
 
-#: torch dtype -> safetensors dtype name (the dtype a checkpoint stores it as).
-_DTYPE_NAMES: dict[torch.dtype, str] = {
-    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16",
-    torch.uint16: "U16", torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32",
-    torch.uint32: "U32", torch.float32: "F32", torch.int64: "I64", torch.uint64: "U64",
-    torch.float64: "F64", torch.complex64: "C64", torch.float8_e5m2: "F8_E5M2",
-    torch.float8_e4m3fn: "F8_E4M3",
-}
+_DTYPE_NAMES = SAFETENSORS_DTYPES
 _TORCH = {v: k for k, v in _DTYPE_NAMES.items()}
 
 
@@ -182,7 +176,7 @@ def file_records(path: str | os.PathLike[str], names: Iterable[str] | None = Non
         >>> file_records(p)["w"] == tensor_record("w", torch.arange(3000.0))
         True
     """
-    with open(path, "rb") as f:
+    with open_input(path, "a safetensors file") as f:
         header = parse_header(f, os.fstat(f.fileno()).st_size)
         out = {}
         for name in header.tensors if names is None else names:
@@ -215,7 +209,7 @@ def legacy_file_sample(path: str | os.PathLike[str], key: str, name: str) -> byt
         >>> legacy_file_sample(p, "w", "w") == legacy_sample("w", torch.arange(6.0), [6])
         True
     """
-    with open(path, "rb") as f:
+    with open_input(path, "a safetensors file") as f:
         header = parse_header(f, os.fstat(f.fileno()).st_size)
         t = header.tensors[key]
         if t.dtype not in _TORCH:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from functools import partial
@@ -17,11 +16,13 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from spdelta._io import check_regular, claim, make_temp_dir, refuse_overlap, user_os_error
 from spdelta.delta import SparseDelta
 from spdelta.errors import (
     BaseMismatchError,
     ContainerError,
     KeyMismatchError,
+    NotRegularFileError,
     OutputExistsError,
     ParameterError,
     ShapeError,
@@ -38,7 +39,14 @@ from spdelta.format.fingerprint import (
 from spdelta.functional import add_at
 from spdelta.hf._names import resolve_names
 from spdelta.hf.layout import CheckpointLayout
-from spdelta.hf.model import legacy_fingerprint, model_delta, model_prefixes, resolve_delta
+from spdelta.hf.model import (
+    check_alpha,
+    check_overflow,
+    legacy_fingerprint,
+    model_delta,
+    model_prefixes,
+    resolve_delta,
+)
 
 __all__ = [
     "CheckpointError",
@@ -72,16 +80,24 @@ def checkpoint_shards(path: str | os.PathLike[str]) -> dict[str, list[str]]:
     """
     root = Path(path)
     index = root / INDEX_FILE
+    for name in (INDEX_FILE, SINGLE_FILE):  # a FIFO here would hang the read below
+        if (root / name).exists() and not (root / name).is_file():
+            check_regular(root / name, f"a {name} file")
     try:
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
             shards: dict[str, list[str]] = {}
             for name, shard in sorted(weight_map.items()):
                 shards.setdefault(shard, []).append(name)
+            for shard in shards:
+                if (root / shard).exists():  # a missing shard fails later, naming itself
+                    check_regular(root / shard, "a safetensors shard")
             return shards
         if (root / SINGLE_FILE).is_file():
             with safe_open(str(root / SINGLE_FILE), framework="pt") as f:
                 return {SINGLE_FILE: sorted(f.keys())}
+    except NotRegularFileError:
+        raise
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(
             f"{str(path)!r}: cannot read the checkpoint index ({exc}); "
@@ -195,26 +211,40 @@ def _legacy_in_layout(model: nn.Module, delta: SparseDelta, disk: Mapping[str, T
 
 
 @contextmanager
-def _atomic_dir(out: Path, overwrite: bool) -> Iterator[Path]:
-    """A temp dir beside ``out``, renamed to ``out`` on success and removed on failure."""
+def _atomic_dir(out: Path, overwrite: bool,
+                inputs: Mapping[str, str | os.PathLike[str]] | None = None) -> Iterator[Path]:
+    """A temp dir beside ``out``, renamed to ``out`` on success and removed on failure.
+
+    Everything that could refuse is checked before the work: ``out`` overlapping an
+    input (role -> path), ``out`` being a file, ``out`` existing without ``overwrite``, another run
+    writing it (:func:`spdelta._io.claim`).
+    """
+    refuse_overlap(out, dict(inputs or {}))
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{str(out)!r} is a file, and the output is a checkpoint "
+                                "directory; remove it or choose another output.")
     if out.exists() and not overwrite:
         raise OutputExistsError(
             f"{str(out)!r} exists; pass overwrite=True (--force) to replace it."
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise user_os_error(out, e) from e
+    with claim(out):
+        tmp = Path(make_temp_dir(out))
+        try:
+            yield tmp
+            if out.exists():
+                old = Path(make_temp_dir(out, "old"))
+                os.replace(out, old)  # onto an empty dir of our own: always allowed
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def _patched(t: Tensor, key: str, name: str, delta: SparseDelta, alpha: float) -> Tensor:
@@ -225,7 +255,9 @@ def _patched(t: Tensor, key: str, name: str, delta: SparseDelta, alpha: float) -
             f"{name!r}: the delta is for shape {list(e.shape)} but the "
             f"checkpoint's {key!r} has {list(t.shape)}; use the right base."
         )
-    return add_at(t, e.indices, e.values, alpha)
+    out = add_at(t, e.indices, e.values, alpha)
+    check_overflow(name, t.reshape(-1)[e.indices], out.reshape(-1)[e.indices], alpha)
+    return out
 
 
 def apply_to_checkpoint(
@@ -261,6 +293,8 @@ def apply_to_checkpoint(
 
     Raises:
         CheckpointError, KeyMismatchError, ShapeError, BaseMismatchError, OutputExistsError.
+        ParameterError: ``alpha`` is not finite, or ``alpha * delta`` overflows a weight's
+            dtype (checked before the shard is written).
 
     Example:
         >>> import tempfile, torch
@@ -273,13 +307,14 @@ def apply_to_checkpoint(
         >>> load_file(dst + "/model.safetensors")["w"].tolist()
         [0.0, 1.0]
     """
+    check_alpha(alpha)
     root, out_path = Path(base), Path(out)
     shards = checkpoint_shards(root)
     delta, mapping, legacy = _resolve_on_disk(root, shards, delta)
     by_key = {key: name for name, key in mapping.items()}
     if check_base:  # before any work: it reads a few KiB per tensor
         _check_fingerprint(root, delta, mapping, legacy)
-    with _atomic_dir(out_path, overwrite) as tmp:
+    with _atomic_dir(out_path, overwrite, {"base": root}) as tmp:
         for shard, names in tqdm(shards.items(), desc="apply", unit="shard", disable=not progress):
             tensors = {}
             with safe_open(str(root / shard), framework="pt") as f:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import weakref
 from collections.abc import Iterable, Mapping
 from typing import NamedTuple
@@ -10,7 +12,13 @@ import torch
 from torch import Tensor, nn
 
 from spdelta.delta import SparseDelta
-from spdelta.errors import BaseMismatchError, KeyMismatchError, ShapeError, format_names
+from spdelta.errors import (
+    BaseMismatchError,
+    KeyMismatchError,
+    ParameterError,
+    ShapeError,
+    format_names,
+)
 from spdelta.format.constants import KEY_FINGERPRINT
 from spdelta.format.fingerprint import (
     check_fingerprint,
@@ -157,6 +165,41 @@ def _base_tensors(model: nn.Module, delta: SparseDelta) -> dict[str, Tensor]:
     return out
 
 
+def check_alpha(alpha: float) -> float:
+    """``alpha`` as a float, or raise: a scale must be a finite real number.
+
+    Raises:
+        ParameterError: ``alpha`` is NaN, infinite, or not a real number.
+
+    Example:
+        >>> check_alpha(0.5)
+        0.5
+    """
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
+        raise ParameterError(f"alpha must be a finite number; found {alpha!r} (--alpha).")
+    return float(alpha)
+
+
+def check_overflow(name: str, before: Tensor, after: Tensor, alpha: float) -> None:
+    """Refuse entries that ``alpha * delta`` made non-finite (they were finite before).
+
+    Raises:
+        ParameterError: Some entries overflowed the weight's dtype.
+
+    Example:
+        >>> check_overflow("w", torch.ones(2), torch.tensor([1.0, float("inf")]), 1e38)
+        Traceback (most recent call last):
+        ...
+        spdelta.errors.ParameterError: 'w': alpha 1e+38 times the delta overflows float32 \
+in 1 entries; use a smaller alpha (--alpha).
+    """
+    bad = int((~torch.isfinite(after) & torch.isfinite(before)).sum())
+    if bad:
+        raise ParameterError(f"{name!r}: alpha {alpha:g} times the delta overflows "
+                             f"{str(after.dtype).removeprefix('torch.')} in {bad} entries; use "
+                             "a smaller alpha (--alpha).")
+
+
 def legacy_fingerprint(targets: Mapping[str, Tensor]) -> str:
     """The legacy ``sha256:`` fingerprint over a delta's base tensors (files before format 1.2).
 
@@ -204,6 +247,7 @@ _APPLIED: weakref.WeakKeyDictionary[nn.Module, list[_Applied]] = weakref.WeakKey
 
 def _add(model: nn.Module, delta: SparseDelta, alpha: float) -> _Applied:
     """Add ``alpha * delta`` (in model names and layout) in place; what was displaced."""
+    alpha = check_alpha(alpha)
     params = dict(model.named_parameters())
     targets = {n: params[n] for n in delta.keys()}
     original, applied = {}, {}
@@ -214,8 +258,11 @@ def _add(model: nn.Module, delta: SparseDelta, alpha: float) -> _Applied:
             idx = e.indices.to(p.device)
             acc = accumulate_dtype(p.dtype)
             original[name] = flat[idx].clone()
-            flat[idx] = (flat[idx].to(acc) + alpha * e.values.to(p.device, acc)).to(p.dtype)
-            applied[name] = flat[idx].clone()
+            added = original[name].to(acc) + alpha * e.values.to(p.device, acc)
+            applied[name] = added.to(p.dtype)
+            check_overflow(name, original[name], applied[name], alpha)
+        for name, p in targets.items():  # every tensor checked first: all or nothing
+            p.view(-1)[delta[name].indices.to(p.device)] = applied[name]
     return _Applied(delta, alpha, original, applied)
 
 
