@@ -6,6 +6,8 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
+from torch import Tensor
+
 
 class JobTargets(NamedTuple):
     """The target weights of a job and what the job reports about them."""
@@ -46,3 +48,14 @@ def say_targets(speak: Callable[[str], None], targets: JobTargets,
         speak(f"reference path (a dense merge each step, no fast kernel) for "
               f"{len(targets.reference)} of {len(targets.names)} targets: "
               + ", ".join(targets.reference[:6]) + (" ..." if len(targets.reference) > 6 else ""))
+
+
+def say_support(speak: Callable[[str], None], support: Mapping[str, Tensor],
+                shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Log how many selected entries landed in fused expert tensors (a global top-k may
+    leave them few: each expert sees only the tokens routed to it)."""
+    experts = [n for n in support if len(shapes[n]) == 3]
+    if experts:
+        nnz = sum(int(i.numel()) for i in support.values())
+        in_experts = sum(int(support[n].numel()) for n in experts)
+        speak(f"selected {nnz:,} entries, {in_experts:,} of them in the fused experts")

@@ -35,7 +35,7 @@ from spdelta.train._job_steps import (
     make_step_fn,
     select_support,
 )
-from spdelta.train._job_targets import JobTargets, job_targets, say_targets
+from spdelta.train._job_targets import JobTargets, job_targets, say_support, say_targets
 from spdelta.train._spiel_io import SpielState
 
 __all__ = ["TrainConfig", "train_job"]
@@ -206,6 +206,7 @@ def _start(cfg: TrainConfig, run: _Run, ckpt: Path, job: dict[str, Any] | None
         support = random_support(run.shapes, density=budget_density(run.shapes, cfg),
                                  generator=torch.Generator().manual_seed(cfg.seed),
                                  device=run.device)
+    say_support(run.speak, support, run.shapes)
     values = {n: torch.zeros(i.numel(), dtype=torch.float32, device=run.device)
               for n, i in support.items()}
     opt = make_optimizer(cfg, support, run.shapes)
