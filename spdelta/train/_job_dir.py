@@ -121,6 +121,8 @@ def claim_run(cfg: TrainConfig, rank: int, comparable: dict[str, Any]) -> Iterat
         except OSError as e:
             raise user_os_error(folder, e) from e
     with claim(out), claim(ckpt):
+        for path in outputs(cfg)[1:]:  # the claim on ``out`` covers the log and the plot
+            remove_stale(path)
         _refuse_foreign(ckpt)
         marker = _marker(ckpt)
         status = "new"

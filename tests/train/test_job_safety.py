@@ -116,13 +116,15 @@ def test_a_second_run_on_the_same_output_fails_at_once(
         first.stderr.close()
     assert code == 1 and elapsed < 5.0, elapsed
     assert "another spdelta run" in _one_error(capsys.readouterr().err)
-    # A leftover of the killed run's naming is collected by the next run on that output.
-    stale = tmp_path / ".a.st.0123456789ab.tmp"
-    stale.write_bytes(b"partial")
+    # Leftovers of the killed run's naming, beside any of its outputs, are collected by
+    # the next run on that output.
+    stale = [tmp_path / f".a.st{s}.0123456789ab.tmp" for s in ("", ".log.json", ".loss.png")]
+    for path in stale:
+        path.write_bytes(b"partial")
     assert main(_args(tiny_lm_dir, data, tmp_path / "a.st", "--steps", "2",
                       "--checkpoint-dir", str(tmp_path / "ck"))) == 0
     assert load_delta(tmp_path / "a.st").nnz > 0
-    assert not stale.exists() and not (tmp_path / ".a.st.lock").exists()
+    assert not any(p.exists() for p in stale) and not (tmp_path / ".a.st.lock").exists()
 
 
 def test_an_output_that_appears_during_the_run_is_not_replaced(
