@@ -303,6 +303,9 @@ def load_table(source: str, *, split: str = "train") -> Any:
     import datasets
 
     path = Path(source)
+    if path.exists() and not (path.is_file() or path.is_dir()):
+        raise DataError(f"data {source!r} is not a regular file or a directory (a FIFO, socket "
+                        "or device); give a data file, a dataset directory or a name.")
     try:
         if path.is_file():
             suffixes = [x.lower() for x in path.suffixes]

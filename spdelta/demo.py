@@ -114,7 +114,7 @@ def run_demo(
     from spdelta.data import load_rotten_tomatoes
     from spdelta.evaluate import sentiment_accuracy
     from spdelta.format import load_delta, save_delta
-    from spdelta.hf import apply_to_checkpoint, apply_to_model, fingerprint
+    from spdelta.hf import apply_to_checkpoint, apply_to_model, checkpoint_fingerprint
     from spdelta.hf.assets import SMOLLM2_HUB_ID, smollm2_checkpoint
     from spdelta.train import speft
 
@@ -165,7 +165,7 @@ def run_demo(
         {
             **delta.metadata,
             "spdelta.base_model": SMOLLM2_HUB_ID,
-            "spdelta.base_model.fingerprint": fingerprint(base, delta.keys()),
+            "spdelta.base_model.fingerprint": checkpoint_fingerprint(ckpt),
         }
     )
     apply_to_model(model, delta)

@@ -26,7 +26,9 @@ __all__ = [
     "LengthError",
     "MetadataError",
     "NonFiniteError",
+    "NotRegularFileError",
     "NotSpdeltaError",
+    "OutputBusyError",
     "OutputExistsError",
     "ParameterError",
     "ShapeError",
@@ -129,6 +131,14 @@ class BaseMismatchError(SpdeltaError):
 
 class OutputExistsError(SpdeltaError, FileExistsError):
     """The output path exists and overwriting was not allowed."""
+
+
+class NotRegularFileError(SpdeltaError):
+    """An input is a FIFO, socket or device, not a regular file (reading it could block)."""
+
+
+class OutputBusyError(SpdeltaError):
+    """Another spdelta run holds the output (or checkpoint directory) this run would write."""
 
 
 class DataError(SpdeltaError):

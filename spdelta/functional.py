@@ -12,8 +12,9 @@ from torch.func import functional_call
 
 from spdelta.delta import SparseDelta
 from spdelta.errors import KeyMismatchError, ShapeError, SpdeltaError, format_names
-from spdelta.kernels import LinearRouter
+from spdelta.kernels import ExpertsRouter, LinearRouter
 from spdelta.kernels._linear import merge_weight
+from spdelta.quant.nf4 import is_nf4
 from spdelta.types import Params, Support, Values
 
 __all__ = ["accumulate_dtype", "add_at", "apply_delta", "make_loss_fn"]
@@ -70,12 +71,28 @@ def _check_against(params: Mapping[str, Tensor], shapes: Mapping[str, tuple[int,
                          + "; ".join(bad[:10]) + ". Use the delta with the base it was made for.")
 
 
+def _shared(params: Mapping[str, Tensor]) -> dict[str, list[str]]:
+    """Name -> the other names whose tensor is the same memory (tied weights in a state dict)."""
+    groups: dict[tuple[object, ...], list[str]] = {}
+    for name, t in params.items():
+        try:
+            ptr = t.data_ptr()
+        except (RuntimeError, NotImplementedError):  # tensor subclasses without storage
+            continue
+        if ptr and t.numel():
+            groups.setdefault((ptr, t.device, t.dtype, tuple(t.shape), t.stride()), []).append(name)
+    return {n: [m for m in g if m != n] for g in groups.values() if len(g) > 1 for n in g}
+
+
 def apply_delta(params: Mapping[str, Tensor], delta: SparseDelta, *, alpha: float = 1.0) -> Params:
     """Return ``params`` with ``alpha * delta`` added; a new dict, inputs untouched.
 
     ``W_new = cast(acc(W) + alpha * acc(scatter(indices, values)), W.dtype)`` with
     ``acc`` = fp64 for fp64 tensors and fp32 otherwise (``spec/format.md`` §6).
-    Tensors without a delta are passed through (the same objects).
+    Tensors without a delta are passed through (the same objects). Tied weights
+    (names whose tensors are the same memory, as in ``model.state_dict()`` of a model
+    with tied embeddings) get the one patched tensor under every name (spec §6), so
+    ``load_state_dict`` of the result keeps the delta whichever name it loads last.
 
     Args:
         params: Name -> dense tensor, e.g. ``model.state_dict()``.
@@ -86,7 +103,8 @@ def apply_delta(params: Mapping[str, Tensor], delta: SparseDelta, *, alpha: floa
         A new dict with the same keys as ``params``.
 
     Raises:
-        KeyMismatchError: The delta names a tensor absent from ``params``.
+        KeyMismatchError: The delta names a tensor absent from ``params``, or names two
+            tied names of one tensor.
         ShapeError: A delta shape differs from the parameter's shape.
 
     Example:
@@ -95,13 +113,24 @@ def apply_delta(params: Mapping[str, Tensor], delta: SparseDelta, *, alpha: floa
         >>> d = SparseDelta({"w": ((2,), torch.tensor([1]), torch.tensor([0.5]))})
         >>> apply_delta({"w": torch.ones(2)}, d, alpha=2.0)["w"].tolist()
         [1.0, 2.0]
+        >>> w = torch.ones(2)
+        >>> tied = apply_delta({"w": w, "head": w}, d)
+        >>> tied["head"] is tied["w"]
+        True
     """
     _check_against(params, delta.shapes)
+    shared = _shared(params)
+    twice = sorted(n for n in delta.keys() if any(m in delta for m in shared.get(n, ())))
+    if twice:
+        raise KeyMismatchError(
+            f"the delta names tied tensors under more than one name: [{format_names(twice)}]; "
+            "a delta must name each tensor once (spec §6). Compose them into one entry.")
     out = dict(params)
     with torch.no_grad():
         for name, e in delta.items():
             out[name] = add_at(params[name], e.indices.to(params[name].device),
                                e.values.to(params[name].device), alpha)
+            out.update({alias: out[name] for alias in shared.get(name, ())})
     return out
 
 
@@ -161,7 +190,8 @@ def make_loss_fn(
     if impl not in ("fast", "reference"):
         raise SpdeltaError(f"impl must be 'fast' or 'reference'; got {impl!r}.")
     buffers = dict(model.named_buffers())
-    router = LinearRouter(model) if impl == "fast" else None
+    routers: list[LinearRouter | ExpertsRouter] = (
+        [LinearRouter(model), ExpertsRouter(model)] if impl == "fast" else [])
 
     def loss_fn(values: Values, base: Params, support: Support, batch: Mapping[str, Any]) -> Tensor:
         if values.keys() != support.keys():
@@ -173,10 +203,14 @@ def make_loss_fn(
         if missing:
             raise KeyMismatchError(
                 f"support names tensors absent from base: [{format_names(missing)}].")
-        fast = {n: (support[n], values[n]) for n in support if router and n in router.names}
-        merged = {n: add_at(base[n], support[n], values[n]) for n in support if n not in fast}
+        fast = [{n: (support[n], values[n]) for n in support if n in r.names
+                 and (isinstance(r, LinearRouter) or not is_nf4(base[n]))} for r in routers]
+        merged = {n: add_at(base[n], support[n], values[n]) for n in support
+                  if not any(n in f for f in fast)}
         params = {**{k: v for k, v in buffers.items() if k not in base}, **base, **merged}
-        with router.patch(fast) if router else contextlib.nullcontext():
+        with contextlib.ExitStack() as stack:
+            for router, deltas in zip(routers, fast, strict=True):
+                stack.enter_context(router.patch(deltas))
             output = functional_call(model, params, args=(), kwargs=dict(batch), strict=True)
         return output.loss if loss is None else loss(output, batch)
 

@@ -21,12 +21,16 @@ _RADIX = 16  # bits per selection pass: 2 passes for fp32 scores, 4 for fp64
 def lora_budget(shape: Shape, rank: int) -> int:
     """Trainable parameters of a rank-``rank`` LoRA on a 2-D weight: ``rank * (rows + cols)``.
 
-    Tensors that are not 2-D get no LoRA, so their budget is 0.
+    A fused 3-D expert tensor ``(experts, rows, cols)`` counts one LoRA per expert,
+    ``experts * rank * (rows + cols)`` (what peft's ``target_parameters`` trains on it).
+    Other tensors (norms, 1-D) get no LoRA, so their budget is 0.
 
     Example:
-        >>> lora_budget((64, 32), 8)
-        768
+        >>> lora_budget((64, 32), 8), lora_budget((4, 64, 32), 8)
+        (768, 3072)
     """
+    if len(shape) == 3:
+        return shape[0] * rank * (shape[1] + shape[2])
     return rank * (shape[0] + shape[1]) if len(shape) == 2 else 0
 
 
@@ -41,8 +45,9 @@ def budget(
     """Number of entries :func:`select_topk` keeps; ``{"": total}`` for the global scope.
 
     Budgets: ``density`` -> ``floor(density * numel + 0.5)``; ``k`` -> ``k``;
-    ``lora_rank=r`` -> ``sum(r * (rows + cols))`` over the 2-D tensors (per tensor:
-    that tensor's term). Every budget is capped at the number of entries it draws from.
+    ``lora_rank=r`` -> ``sum(r * (rows + cols))`` over the 2-D tensors (one term per
+    expert of a 3-D expert tensor; per tensor: that tensor's terms). Every budget is
+    capped at the number of entries it draws from.
 
     Args:
         shapes: Name -> dense shape.

@@ -78,12 +78,15 @@ def token_batch() -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": ids}
 
 
-def save_tiny_lm(path: str, *, chat_template: bool = False) -> str:
+def save_tiny_lm(path: str, *, chat_template: bool = False,
+                 build: Callable[[dict[str, int]], nn.Module] | None = None) -> str:
     """Save a tiny float32 Llama with a real byte-level BPE tokenizer (no merges) to ``path``.
 
     The tokenizer maps every byte to its own token (ids 0..255) plus ``<pad>``,
     ``<s>``, ``</s>``, so any text encodes; with ``chat_template`` it also carries a
-    minimal chat template. Everything is built locally (no hub).
+    minimal chat template. Everything is built locally (no hub). ``build`` makes another
+    architecture instead: it gets ``vocab_size``, ``pad_token_id``, ``bos_token_id`` and
+    ``eos_token_id`` and returns the model (given fixed weights here).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -101,12 +104,29 @@ def save_tiny_lm(path: str, *, chat_template: bool = False) -> str:
         tok.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n"
                              "{% endfor %}{% if add_generation_prompt %}<s>assistant: {% endif %}")
     tok.save_pretrained(path)
+    ids = {"vocab_size": len(vocab), "pad_token_id": vocab["<pad>"],
+           "bos_token_id": vocab["<s>"], "eos_token_id": vocab["</s>"]}
+    if build is not None:
+        fixed_init_(build(ids)).save_pretrained(path)
+        return path
     cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, vocab_size=len(vocab),
                       max_position_embeddings=128, pad_token_id=vocab["<pad>"],
                       bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"])
     fixed_init_(LlamaForCausalLM(cfg)).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_saver() -> Callable[..., str]:
+    """:func:`save_tiny_lm`, for test modules (conftest is not importable from them)."""
+    return save_tiny_lm
+
+
+@pytest.fixture(scope="session")
+def fixed_init() -> Callable[[nn.Module], nn.Module]:
+    """:func:`fixed_init_`, for test modules."""
+    return fixed_init_
 
 
 @pytest.fixture(scope="session")

@@ -82,6 +82,15 @@ def test_budget_formulas() -> None:
     assert budget(shapes, k=5, scope="per_tensor") == {"a": 5, "b": 5, "c": 5}
 
 
+def test_lora_budget_of_fused_experts_is_one_lora_per_expert() -> None:
+    """(experts, out, in): peft's target_parameters LoRA has lora_A (r * E, in) and
+    lora_B (out, r * E), i.e. E LoRAs of rank r; a density budget counts every entry."""
+    shapes = {"experts.gate_up_proj": (4, 96, 32), "q": (32, 32)}
+    assert budget(shapes, lora_rank=2, scope="per_tensor") == {
+        "experts.gate_up_proj": 2 * 4 * 96 + 2 * 4 * 32, "q": 2 * 64}
+    assert budget(shapes, density=0.5) == {"": (4 * 96 * 32 + 32 * 32) // 2}
+
+
 def test_lora_rank_budget_selects_lora_count() -> None:
     gen = torch.Generator().manual_seed(0)
     scores = {"q": torch.rand(16, 8, generator=gen), "v": torch.rand(4, 8, generator=gen)}

@@ -16,6 +16,7 @@ import argparse
 import filecmp
 import hashlib
 import json
+import math
 import shutil
 import struct
 import sys
@@ -31,6 +32,7 @@ from spdelta.format.codec import encode_indices
 from spdelta.format.constants import INDEX_DTYPES, TORCH_DTYPES
 
 ROOT = Path(__file__).resolve().parent.parent
+SUBDIRS = ("valid", "invalid", "fingerprint")
 DEFAULT_OUT = ROOT / "spec" / "vectors"
 PRODUCER = "spdelta gen_vectors"
 #: (name, safetensors dtype, shape, raw bytes) in data order.
@@ -252,6 +254,12 @@ VALID: dict[str, tuple[str, dict[str, Entry], dict[str, Any]]] = {
         "w": ([4], [1, 3], [1.0, -1.0], "F32", "gap8")}, {
             "version": "1.7", "extra": {"spdelta.ext.future": "x", "spdelta.future_key": "y"},
             "tensor_extra": {"w": {"checksum": "abc"}}}),
+    "base_mismatch": ("format 1.2: a merge made with --allow-base-mismatch records the "
+                      "base fingerprints it overrode", {
+        "w": ([4], [2], [1.0], "F32", "gap8")}, {"version": "1.2", "canonical": True, "extra": {
+            "spdelta.base_model": "org/base",
+            "spdelta.base_model.mismatch": '{"spdelta.base_model.fingerprint":{"a.st":"base1:'
+            + "0" * 32 + '","b.st":"base1:' + "1" * 32 + '"}}'}}),
     "padded_header": ("the header carries 16 extra padding spaces", {
         "w": ([4], [0], [1.0], "F32", "gap8")}, {"pad": 16}),
     "noncanonical_order": ("stored tensors in another order than save_delta's (any is valid)", {
@@ -275,7 +283,8 @@ def build_valid(case: str) -> tuple[bytes, dict[str, Any]]:
         **opts.get("extra", {}),
     }
     data = raw_file(meta, parts, pad=opts.get("pad", 0))
-    canonical = not (set(opts) & {"version", "tensor_extra", "pad", "reverse"})
+    canonical = opts.get("canonical", not (set(opts) & {"version", "tensor_extra", "pad",
+                                                         "reverse"}))
     tensors = {}
     for name, (shape, indices, values, vdtype, enc) in entries.items():
         exact = torch.tensor(values, dtype=torch.float64).to(TORCH_DTYPES[vdtype]).double()
@@ -405,6 +414,14 @@ INVALID: dict[str, tuple[str, str, Callable[[], bytes]]] = {
                                 lambda: _with_meta(lambda m: m.update({"spdelta.colour": "red"}))),
     "v4_provenance_not_object": ("V4", "spdelta.provenance is a JSON list", lambda: _with_meta(
         lambda m: m.update({"spdelta.provenance": "[1]"}))),
+    "v4_mismatch_in_1_1": ("V4", "spdelta.base_model.mismatch (defined in 1.2) in a 1.1 file",
+                           lambda: _with_meta(lambda m: m.update({
+                               "spdelta.format_version": "1.1",
+                               "spdelta.base_model.mismatch": "{}"}))),
+    "v4_mismatch_not_object": ("V4", "spdelta.base_model.mismatch is a JSON string",
+                               lambda: _with_meta(lambda m: m.update({
+                                   "spdelta.format_version": "1.2",
+                                   "spdelta.base_model.mismatch": '"a.st"'}))),
     "v5_missing_val": ("V5", "w::val is missing", lambda: _with_parts(
         lambda p, s: p.pop([x[0] for x in p].index("w::val")))),
     "v5_stray_tensor": ("V5", "an undeclared tensor 'extra'", lambda: _with_parts(
@@ -483,6 +500,80 @@ INVALID.update({
 # fmt: on
 
 
+# ------------------------------------------------- base fingerprints (spec §5.1)
+#: safetensors dtype -> bytes per element, for the checkpoints below.
+FP_SIZE = {"F32": 4, "BF16": 2, "F16": 2, "F64": 8, "I64": 8, "I32": 4, "I8": 1, "U8": 1,
+           "BOOL": 1}
+FP_TORCH = {**TORCH_DTYPES, "BOOL": torch.bool}
+
+
+def fp_record(name: str, dtype: str, shape: list[int], data: bytes) -> bytes:
+    """The record of spec §5.1, written out from the rule's text (no library code)."""
+    numel = math.prod(shape)
+    m = min(1024, numel)
+    pos = list(range(m)) if m <= 1 else [i * (numel - 1) // (m - 1) for i in range(m)]
+    size = FP_SIZE[dtype]
+    head = json.dumps({"dtype": dtype, "name": name, "samples": m, "shape": shape},
+                      sort_keys=True, separators=(",", ":"))
+    return head.encode("ascii") + b"\n" + b"".join(data[p * size:(p + 1) * size] for p in pos)
+
+
+def legacy_fingerprint(tensors: dict[str, torch.Tensor], names: list[str]) -> str:
+    """The rule of files before 1.2: float32 linspace positions over the delta's tensors."""
+    h = hashlib.sha256()
+    for n in sorted(names):
+        flat = tensors[n].reshape(-1)
+        pos = torch.linspace(0, max(flat.numel() - 1, 0), min(1024, flat.numel()),
+                             dtype=torch.float32).long()
+        h.update(f"{n}:{list(tensors[n].shape)}:".encode() + flat[pos].float().numpy().tobytes())
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def _pattern(dtype: str, n: int, seed: int) -> bytes:
+    """``n`` deterministic elements: finite multiples of 1/64 for floats, any ints, 0/1 bools."""
+    i = torch.arange(n, dtype=torch.int64)
+    if dtype == "BOOL":
+        return tensor_bytes((i + seed) % 2 == 1)
+    if dtype in ("F32", "BF16", "F16", "F64"):
+        values = ((i * 37 + seed) % 201 - 100).double() / 64
+        return tensor_bytes(values.to(FP_TORCH[dtype]))
+    return tensor_bytes(((i * 131 + seed * 17) % 251 - 120).to(FP_TORCH[dtype]))
+
+
+# name -> (dtype, shape); each checkpoint is one safetensors file without metadata.
+# fmt: off
+FINGERPRINT: dict[str, tuple[str, dict[str, tuple[str, list[int]]]]] = {
+    "dtypes": ("one small tensor of each common dtype, a scalar, an empty tensor and a "
+               "non-ASCII name; every element sampled", {
+        "model.embed_tokens.weight": ("BF16", [6, 4]), "model.norm.weight": ("F32", [4]),
+        "lm_head.bias": ("F16", [3]), "x.f64": ("F64", [2, 1]), "x.i64": ("I64", [2]),
+        "x.i32": ("I32", []), "x.i8": ("I8", [3]), "x.u8": ("U8", [0, 5]),
+        "x.bool": ("BOOL", [2]), "w\u00e9ight": ("F32", [1])}),
+    "sampled": ("tensors of more than 1,024 elements: positions floor(i * (n - 1) / 1023)", {
+        "layers.0.mlp.up_proj.weight": ("BF16", [3, 1031]), "layers.0.bias": ("F32", [1025]),
+        "layers.1.weight": ("F16", [3, 2, 350])}),
+}
+# fmt: on
+
+
+def build_fingerprint(case: str) -> tuple[bytes, dict[str, Any]]:
+    description, spec = FINGERPRINT[case]
+    parts: list[Part] = []
+    for seed, (name, (dtype, shape)) in enumerate(sorted(spec.items())):
+        parts.append((name, dtype, shape, _pattern(dtype, math.prod(shape), seed)))
+    data = raw_file(None, parts)
+    records = sorted((name, fp_record(name, dt, shape, raw)) for name, dt, shape, raw in parts)
+    value = "base1:" + hashlib.sha256(b"".join(r for _, r in records)).hexdigest()[:32]
+    floats = {n: torch.frombuffer(bytearray(raw), dtype=TORCH_DTYPES[dt]).reshape(shape)
+              for n, dt, shape, raw in parts if dt in ("F32", "BF16", "F16") and raw}
+    legacy_names = sorted(floats)[:2]
+    return data, {
+        "description": description,
+        "fingerprint": value,
+        "legacy": {"names": legacy_names, "fingerprint": legacy_fingerprint(floats, legacy_names)},
+    }
+
+
 ERRORS = {
     "V1": "ContainerError",
     "V2": "NotSpdeltaError",
@@ -503,7 +594,7 @@ def _dump(obj: Any) -> bytes:
 
 def generate(out: Path) -> None:
     """Write every vector under ``out/valid`` and ``out/invalid`` (replacing those folders)."""
-    for sub in ("valid", "invalid"):
+    for sub in SUBDIRS:
         shutil.rmtree(out / sub, ignore_errors=True)
         (out / sub).mkdir(parents=True)
     for case in [*VALID, *VALID_Q]:
@@ -515,6 +606,10 @@ def generate(out: Path) -> None:
         (out / "invalid" / f"{case}.json").write_bytes(
             _dump({"rule": rule, "error": ERRORS[rule], "description": description})
         )
+    for case in FINGERPRINT:
+        data, expected = build_fingerprint(case)
+        (out / "fingerprint" / f"{case}.safetensors").write_bytes(data)
+        (out / "fingerprint" / f"{case}.json").write_bytes(_dump(expected))
 
 
 def check(committed: Path) -> list[str]:
@@ -522,7 +617,7 @@ def check(committed: Path) -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         generate(Path(tmp))
         diffs = []
-        for sub in ("valid", "invalid"):
+        for sub in SUBDIRS:
             fresh = {p.name for p in (Path(tmp) / sub).iterdir()}
             old = (
                 {p.name for p in (committed / sub).iterdir()}

@@ -6,7 +6,8 @@ import argparse
 import sys
 from typing import Any
 
-from spdelta.cli._common import new_parser
+from spdelta._io import refuse_overlap
+from spdelta.cli._common import finite, new_parser
 from spdelta.format import load_delta
 from spdelta.hf import apply_to_checkpoint, checkpoint_shards
 
@@ -31,7 +32,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--delta", required=True, metavar="DELTA", help="a spdelta file")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output directory")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
-    p.add_argument("--alpha", type=float, default=1.0, help="scale of the delta (default 1)")
+    p.add_argument("--alpha", type=finite, default=1.0, help="scale of the delta (default 1)")
     p.add_argument(
         "--allow-base-mismatch",
         action="store_true",
@@ -42,6 +43,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Patch ``args.base`` with ``args.delta`` into ``args.output``; print a summary."""
+    refuse_overlap(args.output, {"base": args.base, "delta": args.delta})  # --force or not
     delta = load_delta(args.delta)
     shards = checkpoint_shards(args.base)
     apply_to_checkpoint(

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 from typing import Any
 
-from spdelta.cli._common import new_parser
+from spdelta.cli._common import fraction, new_parser, non_negative, positive
 
 NAME = "demo"
 
@@ -23,13 +23,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
          "spdelta demo --bf16 --eval-examples 200"])
     p.add_argument("--out-dir", default=d.out_dir, help=f"outputs (default {d.out_dir})")
     p.add_argument("--cache-dir", default=None, help="model cache (default ~/.cache/spdelta)")
-    p.add_argument("--density", type=float, default=d.density, help=f"default {d.density}")
+    p.add_argument("--density", type=fraction, default=d.density, help=f"default {d.density}")
     p.add_argument("--steps", type=int, default=d.steps, help=f"default {d.steps}")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr:g})")
+    p.add_argument("--lr", type=positive, default=d.lr,
+                   help=f"peak learning rate (default {d.lr:g})")
     p.add_argument("--schedule", choices=["constant", "linear", "cosine"], default=d.schedule,
                    help=f"learning-rate decay after the warmup (default {d.schedule})")
-    p.add_argument("--warmup", type=float, default=d.warmup,
+    p.add_argument("--warmup", type=non_negative, default=d.warmup,
                    help=f"warmup steps (>= 1) or ratio of the run (< 1) (default {d.warmup:g})")
     p.add_argument("--eval-examples", type=int, default=d.eval_examples,
                    help=f"held-out reviews (default {d.eval_examples})")

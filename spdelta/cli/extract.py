@@ -10,29 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from spdelta import __version__
-from spdelta.cli._common import VALUE_DTYPES, add_output, command_of, new_parser
+from spdelta.cli._common import VALUE_DTYPES, add_output, command_of, fraction, new_parser
 from spdelta.errors import OutputExistsError
 from spdelta.format import file_sha256, save_delta
 from spdelta.format.constants import KEY_PROVENANCE
 from spdelta.hf import checkpoint_shards, extract_delta
 
 NAME = "extract"
-
-
-def fraction(text: str) -> float:
-    """An argparse type: a number in ``[0, 1]``.
-
-    Example:
-        >>> fraction("0.01")
-        0.01
-    """
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], e.g. 0.01; found {text!r}")
-    return value
 
 
 def regex(text: str) -> str:

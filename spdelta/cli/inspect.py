@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from spdelta.cli._common import new_parser, print_json
+from spdelta.cli._common import new_parser, print_json, printable
 from spdelta.format import read_header
 
 NAME = "inspect"
@@ -78,9 +78,10 @@ def _cell(key: str, value: Any) -> str:
 
 
 def _print_text(info: dict[str, Any]) -> None:
-    print(f"{info['file']}: spdelta format {info['format_version']}")
+    print(f"{printable(info['file'])}: spdelta format {info['format_version']}")
     rows = [("name", *_COLUMNS)] + [
-        (name, *(_cell(k, t[k]) for k in _COLUMNS)) for name, t in info["tensors"].items()
+        (printable(name), *(_cell(k, t[k]) for k in _COLUMNS))
+        for name, t in info["tensors"].items()
     ]
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     for row in rows:
@@ -93,7 +94,7 @@ def _print_text(info: dict[str, Any]) -> None:
     print("metadata:")
     for key, value in info["metadata"].items():
         shown = value if len(value) <= 200 else value[:200] + "..."
-        print(f"  {key}: {json.dumps(shown, ensure_ascii=False)}")
+        print(f"  {printable(key)}: {printable(json.dumps(shown, ensure_ascii=False))}")
 
 
 def run(args: argparse.Namespace) -> int:

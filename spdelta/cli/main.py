@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import re
 import shlex
 import sys
 import traceback
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from types import ModuleType
+from typing import Any
 
-from spdelta.errors import SpdeltaError
+from spdelta.cli._common import printable
+from spdelta.errors import SpdeltaError, SpdeltaWarning
+from spdelta.quant.nf4 import torchao_hidden
 
-__all__ = ["build_parser", "main", "merge_main"]
+__all__ = ["build_parser", "cli_words", "main", "merge_main"]
 
 
 def _commands() -> dict[str, ModuleType]:
@@ -59,6 +65,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: A library message names the keyword and, in parentheses, its flag (or the reverse):
+#: ``pass overwrite=True (--force)``. The command line keeps only the flag.
+_KEYWORD_AND_FLAG = re.compile(r"\b\w+=\w+ \((--[a-z][\w-]*)\)|(--[a-z][\w-]*) \(\w+=\w+\)")
+
+
+def cli_words(message: str) -> str:
+    """``message`` in the command line's words: flags, not keyword arguments.
+
+    Example:
+        >>> cli_words("'o.st' exists; pass overwrite=True (--force) to replace it.")
+        "'o.st' exists; pass --force to replace it."
+    """
+    return _KEYWORD_AND_FLAG.sub(lambda m: m[1] or m[2], message)
+
+
+@contextlib.contextmanager
+def _one_line_warnings(prefix: str) -> Iterator[None]:
+    """Show spdelta's own warnings as one line on stderr, ``spdelta merge: warning: ...``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", SpdeltaWarning)
+        shown = warnings.showwarning
+
+        def show(message: Warning | str, category: type[Warning], *rest: Any, **kw: Any) -> None:
+            if issubclass(category, SpdeltaWarning):
+                line = printable(cli_words(str(message)).replace("\n", " "), backslash=False)
+                print(f"{prefix}: warning: {line}", file=sys.stderr)
+            else:
+                shown(message, category, *rest, **kw)
+
+        warnings.showwarning = show
+        yield
+
+
 def _dispatch(parser: argparse.ArgumentParser, argv: Sequence[str] | None, command: str) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -66,12 +105,16 @@ def _dispatch(parser: argparse.ArgumentParser, argv: Sequence[str] | None, comma
     except SystemExit as exc:  # argparse: 0 for --help, 2 for usage errors
         return exc.code if isinstance(exc.code, int) else 2
     args._command = command + " " + shlex.join(argv)  # recorded in output provenance
+    # torchao only for NF4: importing it (transformers does, when it is installed) prints
+    # library-load lines and pytree warnings that are noise for every other command.
+    quiet = contextlib.nullcontext() if getattr(args, "nf4", False) else torchao_hidden()
     try:
-        return int(args._run(args))
+        with quiet, _one_line_warnings(f"{parser.prog} {args._name}"):
+            return int(args._run(args))
     except (SpdeltaError, OSError) as exc:
         if args.debug:
             traceback.print_exc()
-        message = str(exc).replace("\n", " ")
+        message = printable(cli_words(str(exc)).replace("\n", " "), backslash=False)
         print(f"{parser.prog} {args._name}: error: {message}", file=sys.stderr)
         return 1
 

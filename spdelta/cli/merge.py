@@ -10,6 +10,7 @@ from spdelta.cli._common import (
     add_output,
     command_of,
     float_list,
+    fraction_list,
     new_parser,
     print_json,
     scalar_or_list,
@@ -51,13 +52,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--density",
-        type=float_list,
+        type=fraction_list,
         help="fraction kept, one or one per input (magnitude, ties, dare, dare_ties, breadcrumbs)",
     )
     p.add_argument("--seed", type=int, help="seed of the random methods (default 0)")
     p.add_argument(
         "--gamma",
-        type=float_list,
+        type=fraction_list,
         help="breadcrumbs: fraction of largest entries dropped (default 0.01)",
     )
     p.add_argument(

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 from typing import Any
 
-from spdelta.cli._common import new_parser, print_json
+from spdelta.cli._common import fraction, new_parser, non_negative, positive, print_json
 
 NAME = "train"
 
@@ -46,7 +46,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--metric", choices=sorted(METRICS), default=d.metric,
                    help=f"SPEFT salience (default {d.metric})")
     budget = g.add_mutually_exclusive_group()
-    budget.add_argument("--density", type=float, help="fraction of target entries (default 0.01)")
+    budget.add_argument("--density", type=fraction,
+                        help="fraction of target entries (default 0.01)")
     budget.add_argument("--lora-rank", type=int, help="as many entries as a rank-r LoRA")
     g.add_argument("--targets", default=d.targets,
                    help="'all-linear', module suffixes or a regex (default all-linear)")
@@ -59,19 +60,19 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--calibration-examples", type=int, default=d.calibration_examples,
                    help=f"SPEFT scoring examples (default {d.calibration_examples})")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--lr", type=float, default=None,
+    o.add_argument("--lr", type=positive, default=None,
                    help="peak learning rate (default: " + ", ".join(
                        f"{m} {v:g}" for m, v in DEFAULT_LR.items()) + ")")
     o.add_argument("--schedule", choices=list(SCHEDULES), default=d.schedule,
                    help=f"learning-rate decay after the warmup (default {d.schedule})")
-    o.add_argument("--warmup", type=float, default=d.warmup,
+    o.add_argument("--warmup", type=non_negative, default=d.warmup,
                    help=f"warmup steps (>= 1) or ratio of the run (< 1) (default {d.warmup:g})")
-    o.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm,
+    o.add_argument("--max-grad-norm", type=positive, default=d.max_grad_norm,
                    help="clip the gradient to this global norm (default: no clipping)")
-    o.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    o.add_argument("--weight-decay", type=non_negative, default=d.weight_decay)
     length = o.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, help="optimizer steps")
-    length.add_argument("--epochs", type=float, help="passes over the data (default 1)")
+    length.add_argument("--epochs", type=positive, help="passes over the data (default 1)")
     o.add_argument("--batch-size", type=int, default=d.batch_size,
                    help=f"global batch (default {d.batch_size})")
     o.add_argument("--micro-batch-size", type=int,
@@ -102,7 +103,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     held = e.add_mutually_exclusive_group()
     held.add_argument("--eval-data", help="held-out rows (same formats as --data)")
     held.add_argument("--eval-split", help="a split of --data to hold out (dataset dirs/names)")
-    held.add_argument("--eval-fraction", type=float,
+    held.add_argument("--eval-fraction", type=fraction,
                       help="hold out this fraction of the training rows (drawn with --seed)")
     e.add_argument("--eval-every", type=int,
                    help="evaluate every N steps and at the end (default: about 10 times a run)")

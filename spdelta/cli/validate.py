@@ -6,7 +6,7 @@ import argparse
 from dataclasses import asdict
 from typing import Any
 
-from spdelta.cli._common import new_parser, print_json
+from spdelta.cli._common import new_parser, print_json, printable
 from spdelta.errors import SpdeltaError
 from spdelta.format import validate_file
 
@@ -43,10 +43,11 @@ def run(args: argparse.Namespace) -> int:
         print_json(report)
     else:
         for entry in report:
-            print(f"{entry['file']}: {'ok' if entry['valid'] else 'INVALID'}")
+            print(f"{printable(entry['file'])}: {'ok' if entry['valid'] else 'INVALID'}")
             for p in entry["problems"]:
-                where = f" [{p['tensor']}]" if p["tensor"] is not None else ""
-                print(f"  {p['rule']} {p['error']}{where}: {p['message']}".replace("\n", " "))
+                where = f" [{printable(p['tensor'])}]" if p["tensor"] is not None else ""
+                line = f"  {p['rule']} {p['error']}{where}: {p['message']}".replace("\n", " ")
+                print(printable(line, backslash=False))  # the message quotes names with repr
     bad = [e for e in report if not e["valid"]]
     if bad:
         count = sum(len(e["problems"]) for e in bad)

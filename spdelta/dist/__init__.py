@@ -12,7 +12,7 @@ Launch a script with ``torchrun --nproc_per_node=N script.py``; inside it,
 - FSDP2: :func:`shard_with_deltas` shards the frozen base weights and the values per
   layer; :func:`make_fsdp_train_step` trains them with a sharded element-wise optimizer,
   :func:`make_fsdp_spiel_step` with SpIEL-AG (supports from global dense gradients).
-- Checkpoints: :func:`save_checkpoint` / :func:`load_checkpoint` (DCP), resumable at
+- Checkpoints: :func:`save_checkpoint` / :func:`load_checkpoint` (safetensors + JSON), resumable at
   another world size.
 
 Example:

@@ -1,87 +1,52 @@
-"""Training-state checkpoints with ``torch.distributed.checkpoint`` (DCP), at any world size."""
+"""Training-state checkpoints that resume at any world size, and read no pickle.
+
+A checkpoint is a directory holding ``state.safetensors``: every tensor of the state,
+whole, and the state's structure as JSON in the file's metadata
+(:mod:`spdelta.train._state_io`). Sharded tensors (DTensors, e.g. FSDP2 optimizer
+state) are gathered one at a time while rank 0 writes; on load a template's DTensor
+takes its own shard of the whole tensor, so any world size resumes any checkpoint.
+``torch.distributed.checkpoint`` is not used: its ``.metadata`` file is a pickle, which
+runs code when read.
+"""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
-import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import Tensor
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
+from spdelta._io import claim, make_temp_dir
 from spdelta.dist._env import rank_and_world
 from spdelta.errors import SpdeltaError
-from spdelta.optim.reset import state_from_tree, state_to_tree
 from spdelta.train import TrainState
+from spdelta.train._state_io import decode_state, encode_state, read_state, write_state
 from spdelta.train.spiel import SpielState
 
-__all__ = ["load_checkpoint", "save_checkpoint"]
+__all__ = ["STATE_FILE", "load_checkpoint", "save_checkpoint"]
 
-_FORMAT = "spdelta.dist_state/1"
-_SKELETON = "__spdelta_skeleton__"
-_SEP = "::"  # never occurs in a state-dict name (spec §4), so flat keys are unambiguous
+#: The one file of a checkpoint directory.
+STATE_FILE = "state.safetensors"
 State = TrainState | SpielState
 
 
-@contextmanager
-def _quiet(no_dist: bool) -> Iterator[None]:
-    """DCP warns that it assumes one process even when told so (``no_dist=True``): silence that."""
-    with warnings.catch_warnings():
-        if no_dist:
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
-
-
-def _encode(state: State) -> dict[str, Any]:
-    kind = type(state).__name__
-    if kind not in ("TrainState", "SpielState"):
-        raise SpdeltaError(f"save_checkpoint: expected a TrainState or SpielState; found {kind}.")
-    fields = state._asdict()
-    fields["opt_state"] = state_to_tree(fields["opt_state"])
-    return {"kind": kind, "fields": fields}
-
-
-def _flatten(tree: Any, prefix: str, out: dict[str, Any]) -> Any:
-    """Tensors go to ``out[path]``; the returned skeleton holds JSON-able placeholders."""
-    if isinstance(tree, Tensor):
-        out[prefix] = tree
-        return {"__tensor__": prefix}
-    if isinstance(tree, dict):
-        return {"__dict__": {k: _flatten(v, f"{prefix}{_SEP}{k}", out) for k, v in tree.items()}}
-    if isinstance(tree, (list, tuple)):
-        return {"__list__": [_flatten(v, f"{prefix}{_SEP}#{i}", out) for i, v in enumerate(tree)]}
-    if tree is None or isinstance(tree, (bool, int, float, str)):
-        return tree
-    raise SpdeltaError(f"save_checkpoint: cannot store a {type(tree).__name__} at {prefix!r}.")
-
-
-def _unflatten(skel: Any, tensors: dict[str, Tensor]) -> Any:
-    if isinstance(skel, dict) and "__tensor__" in skel:
-        return tensors[skel["__tensor__"]]
-    if isinstance(skel, dict) and "__dict__" in skel:
-        return {k: _unflatten(v, tensors) for k, v in skel["__dict__"].items()}
-    if isinstance(skel, dict) and "__list__" in skel:
-        return [_unflatten(v, tensors) for v in skel["__list__"]]
-    return skel
+def _whole(t: Tensor) -> Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def save_checkpoint(state: State, path: str | os.PathLike[str], *,
                     group: dist.ProcessGroup | None = None) -> None:
-    """Save a training state with DCP: every rank calls it; the directory appears atomically.
+    """Save a training state (safetensors + JSON): every rank calls it; it appears atomically.
 
     Values, support, optimizer state, step, AG accumulators and the generator state
-    are stored exactly. Replicated (plain) tensors are written once; DTensors (e.g.
-    FSDP-sharded optimizer state) are written by their owners. The directory is
-    written beside ``path`` and renamed into place by rank 0, so a crash leaves the
-    previous checkpoint. ``path`` must be on a file system every rank sees.
+    are stored exactly. Replicated (plain) tensors are written once, by rank 0;
+    DTensors (e.g. FSDP-sharded optimizer state) are gathered one at a time and
+    written whole. The directory is written beside ``path`` and renamed into place by
+    rank 0, so a crash leaves the previous checkpoint. ``path`` must be on a file
+    system the loading ranks see.
 
     Args:
         state: A :class:`~spdelta.train.TrainState` or :class:`~spdelta.train.spiel.SpielState`.
@@ -97,27 +62,35 @@ def save_checkpoint(state: State, path: str | os.PathLike[str], *,
         3
     """
     path = os.fspath(path)
-    flat: dict[str, Any] = {}
-    skeleton = _flatten(_encode(state), "s", flat)
-    flat[_SKELETON] = json.dumps({"format": _FORMAT, "tree": skeleton})
+    doc, flat = encode_state(state)
+    specs = [(k, t.dtype, tuple(t.shape)) for k, t in sorted(flat.items())]
     rank, world = rank_and_world(group)
-    tmp = path + ".tmp"
-    if rank == 0 and os.path.exists(tmp):
-        shutil.rmtree(tmp)
     if world > 1:
         dist.barrier(group)
-    with _quiet(world == 1):
-        dcp.save(flat, checkpoint_id=tmp, process_group=group, no_dist=world == 1)
+    if rank != 0:
+        write_state("", doc, specs, lambda k: _whole(flat[k]), write=False)  # the gathers
+    else:
+        with claim(path):  # also removes temp dirs a killed save left beside it
+            tmp = make_temp_dir(path)
+            try:
+                write_state(os.path.join(tmp, STATE_FILE), doc, specs, lambda k: _whole(flat[k]))
+                _publish(tmp, path)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
     if world > 1:
         dist.barrier(group)
-    if rank == 0:
-        old = path + ".old"
-        if os.path.exists(path):
-            os.replace(path, old)
+
+
+def _publish(tmp: str, path: str) -> None:
+    """Rename ``tmp`` to ``path``; an existing ``path`` goes, once the new one is in place."""
+    if not os.path.exists(path):
         os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    if world > 1:
-        dist.barrier(group)
+        return
+    old = make_temp_dir(path, "old")
+    os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_checkpoint(path: str | os.PathLike[str], *, template: State | None = None,
@@ -137,6 +110,10 @@ def load_checkpoint(path: str | os.PathLike[str], *, template: State | None = No
     Returns:
         The state, of the type that was saved.
 
+    Reading parses JSON and raw numbers only: a checkpoint cannot run code when loaded
+    (a ``torch.distributed.checkpoint`` directory, whose metadata is a pickle, is
+    refused without being read).
+
     Raises:
         SpdeltaError: ``path`` is not such a checkpoint.
 
@@ -149,38 +126,24 @@ def load_checkpoint(path: str | os.PathLike[str], *, template: State | None = No
         [1.0, 1.0]
     """
     path = os.fspath(path)
-    no_dist = rank_and_world(group)[1] == 1
-    try:
-        meta = dcp.FileSystemReader(path).read_metadata()
-    except (OSError, RuntimeError, ValueError) as e:
-        raise SpdeltaError(f"{path!r}: not a readable DCP checkpoint ({e}).") from e
-    if _SKELETON not in meta.state_dict_metadata:
-        raise SpdeltaError(f"{path!r}: a DCP checkpoint, but not an spdelta training state "
-                           f"({_FORMAT}); save it with spdelta.dist.save_checkpoint.")
-    head: dict[str, Any] = {_SKELETON: ""}
-    with _quiet(no_dist):
-        dcp.load(head, checkpoint_id=path, process_group=group, no_dist=no_dist)
-    doc = json.loads(head[_SKELETON])
-    if doc.get("format") != _FORMAT:
-        raise SpdeltaError(f"{path!r}: expected format {_FORMAT!r}; found {doc.get('format')!r}.")
-    like: dict[str, Any] = {}
-    if template is not None:
-        _flatten(_encode(template), "s", like)
-    tensors: dict[str, Any] = {}
-    for key, md in meta.state_dict_metadata.items():
-        if not isinstance(md, TensorStorageMetadata):
-            continue
-        t = like.get(key)
-        if isinstance(t, DTensor) and tuple(t.shape) == tuple(md.size):
-            tensors[key] = torch.empty_like(t)
-        else:
-            tensors[key] = torch.empty(md.size, dtype=md.properties.dtype)
-    with _quiet(no_dist):
-        dcp.load(tensors, checkpoint_id=path, process_group=group, no_dist=no_dist)
-    enc = _unflatten(doc["tree"], tensors)
-    fields = enc["fields"]
-    fields["opt_state"] = state_from_tree(fields["opt_state"])
-    if enc["kind"] == "SpielState":
-        return SpielState(**fields)
-    return TrainState(**fields)
-
+    del group  # every rank reads the file itself: no collective is needed
+    file = os.path.join(path, STATE_FILE)
+    if not os.path.isfile(file):
+        if os.path.isfile(os.path.join(path, ".metadata")):
+            raise SpdeltaError(
+                f"{path!r}: a torch.distributed.checkpoint directory (an earlier spdelta format, "
+                "or another tool); its .metadata is a pickle, which can run code when read, so "
+                "it is not read. Delete it and start over.")
+        raise SpdeltaError(f"{path!r}: not a spdelta training checkpoint (no {STATE_FILE}); "
+                           "save one with spdelta.dist.save_checkpoint.")
+    doc, reader = read_state(file)
+    like: dict[str, Any] = encode_state(template)[1] if template is not None else {}
+    tensors: dict[str, Tensor] = {}
+    for key in reader.keys():  # noqa: SIM118 - a safetensors handle, not a dict
+        t = reader.get_tensor(key)
+        shape_of = like.get(key)
+        if isinstance(shape_of, DTensor) and tuple(shape_of.shape) == tuple(t.shape):
+            t = distribute_tensor(t.to(shape_of.device, shape_of.dtype), shape_of.device_mesh,
+                                  shape_of.placements, src_data_rank=None)
+        tensors[key] = t
+    return decode_state(doc, tensors, {"TrainState": TrainState, "SpielState": SpielState})

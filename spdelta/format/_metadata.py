@@ -20,6 +20,8 @@ from spdelta.errors import (
 from spdelta.format.constants import (
     ENCODINGS,
     EXT_PREFIX,
+    KEY_BASE_MISMATCH,
+    KEY_MINORS,
     KEY_PROVENANCE,
     KEY_TENSORS,
     KEY_TRAINING,
@@ -74,23 +76,36 @@ def parse_version(text: str) -> tuple[int, int] | None:
     return (int(m[1]), int(m[2])) if m else None
 
 
-def check_reserved(meta: Mapping[str, str], *, newer: bool = False) -> list[Found]:
-    """Problems of the optional reserved keys: unknown ``spdelta.*`` keys, non-object JSON."""
+def _reserved_problem(key: str, newer: bool, minor: int) -> str | None:
+    if not key.startswith(PREFIX) or key.startswith(EXT_PREFIX):
+        return None
+    if key not in KNOWN_KEYS:
+        if newer:
+            return None
+        return (f"metadata key {key!r} is reserved and unknown in format {MAJOR}.{MINOR} "
+                f"(spec §7 V4); rename it outside 'spdelta.' or under {EXT_PREFIX!r}.")
+    since = KEY_MINORS.get(key, 0)
+    if since > minor:
+        return (f"metadata key {key!r} is defined from format {MAJOR}.{since}, but the file is "
+                f"labelled {MAJOR}.{minor} (spec §7 V4, §8); re-save it with spdelta.")
+    return None
+
+
+def check_reserved(meta: Mapping[str, str], *, newer: bool = False, minor: int = MINOR
+                   ) -> list[Found]:
+    """Problems of the optional reserved keys: unknown or too new ``spdelta.*`` keys, bad JSON.
+
+    Args:
+        meta: The metadata.
+        newer: The file's MINOR is newer than this reader's (unknown keys are allowed).
+        minor: The file's MINOR (keys defined by a later MINOR are refused).
+    """
     out: list[Found] = []
     for key in sorted(meta):
-        if key.startswith(PREFIX) and not key.startswith(EXT_PREFIX) and key not in KNOWN_KEYS:
-            if not newer:
-                out.append(
-                    (
-                        None,
-                        MetadataError(
-                            f"metadata key {key!r} is reserved and unknown in format "
-                            f"{MAJOR}.{MINOR} "
-                            f"(spec §7 V4); rename it outside 'spdelta.' or under {EXT_PREFIX!r}."
-                        ),
-                    )
-                )
-    for key in (KEY_PROVENANCE, KEY_TRAINING):
+        problem = _reserved_problem(key, newer, minor)
+        if problem is not None:
+            out.append((None, MetadataError(problem)))
+    for key in (KEY_PROVENANCE, KEY_TRAINING, KEY_BASE_MISMATCH):
         if key in meta and not isinstance(_json_or_none(meta[key]), dict):
             out.append(
                 (
@@ -270,7 +285,7 @@ def check_metadata(
             False,
         )
     newer = version[1] > MINOR
-    out = check_reserved(meta, newer=newer)
+    out = check_reserved(meta, newer=newer, minor=version[1])
     if KEY_TENSORS not in meta:
         out.append(
             (

@@ -10,6 +10,7 @@ from typing import BinaryIO
 import torch
 from torch import Tensor
 
+from spdelta._io import open_input
 from spdelta.delta import SEPARATOR, DeltaTensor, numel_of
 from spdelta.errors import (
     ContainerError,
@@ -274,10 +275,11 @@ def scan_file(path: str | os.PathLike[str], *, read_data: bool = True) -> Scan:
     """Check the file at ``path`` against spec §7 and decode its valid entries.
 
     Raises:
+        NotRegularFileError: ``path`` is a FIFO, socket or device (refused before reading).
         OSError: The file cannot be opened or read.
     """
     scan = Scan()
-    with open(path, "rb") as f:
+    with open_input(path, "a delta file") as f:
         try:
             _scan_open(f, scan, read_data)
         except SpdeltaError as e:

@@ -10,8 +10,10 @@ __all__ = [
     "EXT_PREFIX",
     "FORMAT_VERSION",
     "INDEX_DTYPES",
+    "KEY_BASE_MISMATCH",
     "KEY_BASE_MODEL",
     "KEY_FINGERPRINT",
+    "KEY_MINORS",
     "KEY_PRODUCER",
     "KEY_PROVENANCE",
     "KEY_REVISION",
@@ -26,6 +28,7 @@ __all__ = [
     "PREFIX",
     "QUANTIZED_BITS",
     "QUANTIZED_VALUE_DTYPES",
+    "SAFETENSORS_DTYPES",
     "SCALE_DTYPE",
     "TORCH_DTYPES",
     "VALUE_DTYPES",
@@ -34,8 +37,9 @@ __all__ = [
 ]
 
 #: Newest version this library understands (spec §8). Writers label a file with the lowest
-#: version whose features it uses: ``1.0`` without quantized values, ``1.1`` with them.
-MAJOR, MINOR = 1, 1
+#: version whose features it uses: ``1.0`` without quantized values, ``1.1`` with them,
+#: ``1.2`` with a ``spdelta.base_model.mismatch`` record.
+MAJOR, MINOR = 1, 2
 FORMAT_VERSION = f"{MAJOR}.{MINOR}"
 
 #: Reserved metadata namespace, and the extension namespace readers ignore (spec §5).
@@ -46,12 +50,14 @@ KEY_TENSORS = "spdelta.tensors"
 KEY_BASE_MODEL = "spdelta.base_model"
 KEY_REVISION = "spdelta.base_model.revision"
 KEY_FINGERPRINT = "spdelta.base_model.fingerprint"
+KEY_BASE_MISMATCH = "spdelta.base_model.mismatch"
 KEY_PRODUCER = "spdelta.producer"
 KEY_PROVENANCE = "spdelta.provenance"
 KEY_TRAINING = "spdelta.training"
-#: Every reserved key a 1.0 reader knows.
+#: Every reserved key this reader knows.
 KNOWN_KEYS = frozenset(
     {
+        KEY_BASE_MISMATCH,
         KEY_VERSION,
         KEY_TENSORS,
         KEY_BASE_MODEL,
@@ -62,6 +68,9 @@ KNOWN_KEYS = frozenset(
         KEY_TRAINING,
     }
 )
+
+#: Reserved keys defined after 1.0 -> the MINOR that defines them (spec §5, §8).
+KEY_MINORS: dict[str, int] = {KEY_BASE_MISMATCH: 2}
 
 #: Largest header a reader accepts (spec §9), in bytes.
 MAX_HEADER_BYTES = 100_000_000
@@ -129,3 +138,12 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 }
 #: Allowed ``::val`` dtypes (V6).
 VALUE_DTYPES = ("F16", "BF16", "F32", "F64")
+
+#: torch dtype -> the safetensors dtype name it is stored as (every dtype both know).
+SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
+    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16",
+    torch.uint16: "U16", torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32",
+    torch.uint32: "U32", torch.float32: "F32", torch.int64: "I64", torch.uint64: "U64",
+    torch.float64: "F64", torch.complex64: "C64", torch.float8_e5m2: "F8_E5M2",
+    torch.float8_e4m3fn: "F8_E4M3",
+}

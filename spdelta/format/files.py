@@ -28,6 +28,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -35,8 +36,9 @@ import torch
 from torch import Tensor
 
 from spdelta.delta import DeltaTensor, numel_of
-from spdelta.errors import BaseMismatchError, ShapeError
+from spdelta.errors import BaseMismatchError, ShapeError, SpdeltaWarning
 from spdelta.format.constants import (
+    KEY_BASE_MISMATCH,
     KEY_BASE_MODEL,
     KEY_FINGERPRINT,
     KEY_PRODUCER,
@@ -45,6 +47,7 @@ from spdelta.format.constants import (
 )
 from spdelta.format.stream import DeltaReader, DeltaWriter
 from spdelta.ops import merge_tensor, union_sum
+from spdelta.ops._common import check_finite_result
 from spdelta.ops.quantize import QuantizedTensor, dequantize_tensor, quantize_tensor
 
 __all__ = [
@@ -83,18 +86,27 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 def check_inputs(readers: Sequence[DeltaReader], *, allow_base_mismatch: bool = False) -> Report:
     """Check that several delta files fit together; return their shapes and shared base keys.
 
+    For each base key (:data:`BASE_KEYS`), the inputs that carry it must agree. An input
+    without it does not block the others: the output keeps the value (its base is then
+    unchecked for that input, and a :class:`~spdelta.errors.SpdeltaWarning` says so).
+    With ``allow_base_mismatch``, disagreeing keys are dropped and recorded under
+    ``spdelta.base_model.mismatch`` (file name -> value, per key; spec §5).
+
     Args:
         readers: Open inputs.
         allow_base_mismatch: Accept different base-model metadata (shapes must still agree).
 
     Returns:
         ``{"shapes": {name: shape}, "base": {key: value}}``: the union of tensor names with
-        their shape, and the base keys (:data:`BASE_KEYS`) every input has with one value.
+        their shape, and the metadata the output carries about its base.
 
     Raises:
         ShapeError: A tensor name has different shapes in two inputs.
         BaseMismatchError: Two inputs name different base models (``spdelta.base_model``,
             ``.revision`` or ``.fingerprint``) and ``allow_base_mismatch`` is false.
+
+    Warns:
+        SpdeltaWarning: Some inputs carry a base key and others do not.
     """
     shapes: dict[str, tuple[int, ...]] = {}
     bad: list[str] = []
@@ -109,18 +121,41 @@ def check_inputs(readers: Sequence[DeltaReader], *, allow_base_mismatch: bool = 
             + "; ".join(bad[:10])
             + ". Combine only deltas made for one base model."
         )
-    base: dict[str, str] = {}
-    for key in BASE_KEYS:
-        values = {r.path: r.raw_metadata[key] for r in readers if key in r.raw_metadata}
-        if len(set(values.values())) > 1 and not allow_base_mismatch:
-            seen = "; ".join(f"{p}: {v!r}" for p, v in list(values.items())[:10])
-            raise BaseMismatchError(
-                f"inputs were made for different base models ({key} differs: {seen}). "
-                "Pass --allow-base-mismatch (allow_base_mismatch=True) if that is intended."
-            )
-        if len(values) == len(readers) and len(set(values.values())) == 1:
-            base[key] = next(iter(values.values()))
+    base = _base_keys(readers, allow_base_mismatch)
     return {"shapes": dict(sorted(shapes.items())), "base": base}
+
+
+def _base_keys(readers: Sequence[DeltaReader], allow_mismatch: bool) -> dict[str, str]:
+    """The base keys the output keeps, and the record of those ``allow_mismatch`` overrode."""
+    base: dict[str, str] = {}
+    overridden: dict[str, dict[str, str]] = {}
+    for r in readers:  # earlier overrides travel on
+        for key, values in json.loads(r.raw_metadata.get(KEY_BASE_MISMATCH, "{}")).items():
+            if isinstance(values, dict):
+                overridden.setdefault(key, {}).update({str(k): str(v) for k, v in values.items()})
+    for key in BASE_KEYS:
+        values = {os.fspath(r.path): r.raw_metadata[key] for r in readers
+                  if key in r.raw_metadata}
+        if len(set(values.values())) > 1:
+            seen = "; ".join(f"{p}: {v!r}" for p, v in list(values.items())[:10])
+            if not allow_mismatch:
+                raise BaseMismatchError(
+                    f"inputs were made for different base models ({key} differs: {seen}). "
+                    "Pass --allow-base-mismatch (allow_base_mismatch=True) if that is intended."
+                )
+            overridden.setdefault(key, {}).update(
+                {os.path.basename(p): v for p, v in values.items()})
+        elif values:
+            base[key] = next(iter(values.values()))
+            missing = [os.fspath(r.path) for r in readers if key not in r.raw_metadata]
+            if missing:
+                warnings.warn(
+                    f"{', '.join(missing[:10])}: no {key}; the output keeps {base[key]!r} from "
+                    f"the other inputs, so it is not checked for these.",
+                    SpdeltaWarning, stacklevel=4)
+    if overridden:
+        base[KEY_BASE_MISMATCH] = json.dumps(overridden, sort_keys=True, separators=(",", ":"))
+    return base
 
 
 @contextlib.contextmanager
@@ -287,7 +322,10 @@ def compose_files(
 
     def kernel(name: str, entries: list[DeltaTensor | None], numel: int) -> tuple[Tensor, Tensor]:
         present = [e for e in entries if e is not None]
-        return union_sum([e.indices for e in present], [e.values for e in present])
+        i, v = union_sum([e.indices for e in present], [e.values for e in present])
+        check_finite_result(name, v, "the sum of the inputs",
+                            "scale the inputs down (spdelta merge --weights)")
+        return i, v
 
     return _combine_files(
         "compose",

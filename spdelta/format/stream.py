@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Mapping
@@ -35,7 +36,7 @@ from typing import BinaryIO
 
 import torch
 
-from spdelta._io import atomic_write
+from spdelta._io import atomic_write, claim, open_input, user_os_error
 from spdelta.delta import DeltaTensor, _combine
 from spdelta.errors import OutputExistsError, ParameterError, SpdeltaError
 from spdelta.format._container import encode_header
@@ -78,7 +79,7 @@ class DeltaReader:
         assert scan.header is not None  # no problems means the header parsed
         self._scan = scan
         self._header = scan.header
-        self._file: BinaryIO | None = open(self.path, "rb")  # noqa: SIM115 - closed in close()
+        self._file: BinaryIO | None = open_input(self.path, "a delta file")  # closed in close()
 
     @property
     def names(self) -> list[str]:
@@ -183,8 +184,12 @@ class DeltaWriter:
         overwrite: Replace an existing file; when false, raise ``OutputExistsError`` (checked
             on open and again when publishing).
 
+    While open, the writer holds :func:`spdelta._io.claim` on ``path``: a second writer
+    of the same path (in this or another process) fails at once.
+
     Raises:
         OutputExistsError: ``overwrite`` is false and ``path`` exists.
+        OutputBusyError: Another writer holds ``path``.
         MetadataError: Bad metadata (as ``save_delta``).
     """
 
@@ -206,7 +211,13 @@ class DeltaWriter:
         self._index_encoding, self._value_dtype = index_encoding, value_dtype
         self._overwrite = overwrite
         folder = os.path.dirname(os.path.abspath(self.path))
-        self._spool: BinaryIO | None = tempfile.TemporaryFile(dir=folder)  # noqa: SIM115
+        self._claim = contextlib.ExitStack()
+        self._claim.enter_context(claim(self.path))  # until close/abort: one writer per path
+        try:
+            self._spool: BinaryIO | None = tempfile.TemporaryFile(dir=folder)  # noqa: SIM115
+        except OSError as e:
+            self._claim.close()
+            raise user_os_error(self.path, e) from e
         self._parts: list[tuple[str, str, list[int], int, int]] = []  # key, dtype, shape, off, n
         self._specs: dict[str, dict[str, object]] = {}
         self._offset = 0
@@ -261,12 +272,14 @@ class DeltaWriter:
                     _copy_range(spool, out, offset, nbytes)
         finally:
             spool.close()
+            self._claim.close()
 
     def abort(self) -> None:
         """Discard everything written (idempotent); ``path`` is not touched."""
         if self._spool is not None:
             self._spool.close()
             self._spool = None
+        self._claim.close()
 
     def __enter__(self) -> DeltaWriter:
         return self

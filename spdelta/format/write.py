@@ -20,6 +20,7 @@ from spdelta.format.constants import (
     DTYPE_BITS,
     ENCODINGS,
     INDEX_DTYPES,
+    KEY_MINORS,
     KEY_PRODUCER,
     KEY_TENSORS,
     KEY_VERSION,
@@ -183,6 +184,7 @@ def finish_metadata(meta: dict[str, str], specs: Mapping[str, Mapping[str, objec
     """Set ``spdelta.tensors`` and the lowest ``spdelta.format_version`` the specs need (§8)."""
     meta[KEY_TENSORS] = json.dumps(dict(specs), sort_keys=True, separators=(",", ":"))
     minor = max((min_minor(str(s["value_encoding"])) for s in specs.values()), default=0)
+    minor = max([minor, *(KEY_MINORS.get(k, 0) for k in meta)])
     meta[KEY_VERSION] = f"{MAJOR}.{minor}"
 
 

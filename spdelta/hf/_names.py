@@ -6,10 +6,16 @@ from collections.abc import Collection, Iterable, Mapping
 
 from spdelta.errors import KeyMismatchError, format_names
 
-__all__ = ["resolve_names"]
+__all__ = ["candidates", "resolve_names"]
 
 
-def _candidates(name: str, prefixes: Iterable[str]) -> list[str]:
+def candidates(name: str, prefixes: Iterable[str]) -> list[str]:
+    """``name``, and ``name`` with each prefix added or (when present) removed.
+
+    Example:
+        >>> candidates("layers.0.w", ["model."])
+        ['layers.0.w', 'model.layers.0.w']
+    """
     out = [name]
     for prefix in prefixes:
         out.append(prefix + name)
@@ -24,6 +30,7 @@ def resolve_names(
     *,
     prefixes: Iterable[str] = (),
     aliases: Mapping[str, str] | None = None,
+    hint: str = "Use the base model the delta was made for.",
 ) -> dict[str, str]:
     """Map each delta name to the one target name it addresses.
 
@@ -36,6 +43,7 @@ def resolve_names(
         targets: Names of the tensors that exist (model parameters, checkpoint keys).
         prefixes: Prefixes to try, e.g. ``("model.",)`` (HF ``base_model_prefix`` + ".").
         aliases: Alias name -> canonical target name, for tied weights.
+        hint: The last sentence of the error message (what the names should be).
 
     Returns:
         Delta name -> target name.
@@ -55,7 +63,7 @@ def resolve_names(
     unmatched: list[str] = []
     ambiguous: list[str] = []
     for name in names:
-        found = {aliases.get(c, c) for c in _candidates(name, prefixes)}
+        found = {aliases.get(c, c) for c in candidates(name, prefixes)}
         found = {c for c in found if c in targets}
         if len(found) == 1:
             out[name] = found.pop()
@@ -65,7 +73,7 @@ def resolve_names(
         raise KeyMismatchError(
             f"delta tensors do not match the model: {len(unmatched)} unmatched "
             f"[{format_names(unmatched)}], {len(ambiguous)} ambiguous [{format_names(ambiguous)}]. "
-            "Use the base model the delta was made for."
+            + hint
         )
     seen: dict[str, str] = {}
     for name, target in out.items():

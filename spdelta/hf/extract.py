@@ -18,8 +18,7 @@ from spdelta.delta import DeltaTensor, SparseDelta, topk_indices
 from spdelta.errors import KeyMismatchError, ShapeError, format_names
 from spdelta.format.constants import KEY_FINGERPRINT
 from spdelta.functional import accumulate_dtype
-from spdelta.hf.checkpoint import checkpoint_shards
-from spdelta.hf.model import combine_samples, fingerprint_sample
+from spdelta.hf.checkpoint import checkpoint_fingerprint, checkpoint_shards
 
 __all__ = ["extract_delta"]
 
@@ -107,8 +106,8 @@ def extract_delta(
         targets: Optional regex; only tensor names it matches (``re.search``) count.
 
     Returns:
-        A ``SparseDelta`` with ``spdelta.base_model.fingerprint`` of ``base`` and
-        provenance metadata.
+        A ``SparseDelta`` with the fingerprint of the ``base`` checkpoint
+        (``spdelta.base_model.fingerprint``, spec §5.1) and provenance metadata.
 
     Raises:
         CheckpointError, KeyMismatchError, ShapeError, ValueError (bad density/scope).
@@ -130,10 +129,9 @@ def extract_delta(
     threshold, ties = math.inf, 0
     if scope == "global":
         threshold, ties = _global_threshold(_pairs(root_b, root_t, targets), density)
-    entries, samples = {}, {}
+    entries = {}
     for key, w, v in _pairs(root_b, root_t, targets):
         diff = _diff(w, v)
-        samples[key] = fingerprint_sample(key, w)
         if scope == "per_tensor":
             idx = topk_indices(
                 diff.abs(), min(math.floor(density * diff.numel() + 0.5), diff.numel())
@@ -146,7 +144,7 @@ def extract_delta(
         if entry.nnz:
             entries[key] = entry
     meta = {
-        KEY_FINGERPRINT: combine_samples({k: samples[k] for k in entries}),
+        KEY_FINGERPRINT: checkpoint_fingerprint(root_b),
         "spdelta.provenance": json.dumps(
             {"tool": "extract", "density": density, "scope": scope, "targets": targets},
             sort_keys=True,

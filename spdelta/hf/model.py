@@ -1,8 +1,9 @@
-"""Apply a delta to an in-memory model, remove it again, and fingerprint a base."""
+"""Apply a delta to an in-memory model and remove it again, checking its base first."""
 
 from __future__ import annotations
 
-import hashlib
+import math
+import numbers
 import weakref
 from collections.abc import Iterable, Mapping
 from typing import NamedTuple
@@ -11,24 +12,34 @@ import torch
 from torch import Tensor, nn
 
 from spdelta.delta import SparseDelta
-from spdelta.errors import BaseMismatchError, ShapeError
+from spdelta.errors import (
+    BaseMismatchError,
+    KeyMismatchError,
+    ParameterError,
+    ShapeError,
+    format_names,
+)
 from spdelta.format.constants import KEY_FINGERPRINT
+from spdelta.format.fingerprint import (
+    check_fingerprint,
+    fingerprint_tensors,
+    legacy_combine,
+    legacy_positions,
+    legacy_sample,
+)
 from spdelta.functional import accumulate_dtype
-from spdelta.hf._names import resolve_names
+from spdelta.hf._layout import checkpoint_tensors
+from spdelta.hf._names import candidates, resolve_names
+from spdelta.hf.layout import CheckpointLayout
 
 __all__ = [
     "BaseMismatchError",
     "apply_to_model",
-    "combine_samples",
-    "fingerprint",
-    "fingerprint_sample",
+    "model_delta",
     "model_prefixes",
     "remove_from_model",
     "tied_aliases",
 ]
-
-_SAMPLES = 1024
-
 
 def tied_aliases(model: nn.Module) -> dict[str, str]:
     """Alias name -> canonical name for parameters that share storage (tied weights).
@@ -60,69 +71,165 @@ def model_prefixes(model: nn.Module) -> list[str]:
     return [prefix + "."] if prefix else []
 
 
-def fingerprint(params: Mapping[str, Tensor], names: Iterable[str]) -> str:
-    """A short hash identifying the base tensors ``names`` (spec §5).
+def resolve_delta(model: nn.Module, names: Iterable[str]
+                  ) -> tuple[dict[str, str], CheckpointLayout | None]:
+    """Delta name -> the parameter, or the checkpoint tensor, it names (and the layout, if used).
 
-    ``sha256`` over, for each name in sorted order: the name, the shape, and the
-    fp32 values at 1,024 evenly spaced flat positions (all of them when fewer).
-    Cheap to compute on any checkpoint, and it changes when the base does.
+    Names are first matched against the parameters (prefixes, tied aliases); only when
+    some do not match is the checkpoint layout built and its names tried too.
+    """
+    names = list(names)
+    params = dict(model.named_parameters())
+    prefixes, aliases = model_prefixes(model), tied_aliases(model)
+    try:
+        return resolve_names(names, params, prefixes=prefixes, aliases=aliases), None
+    except KeyMismatchError:
+        layout = CheckpointLayout(model)
+        if layout.is_identity:
+            raise
+    examples = layout.converted or layout.checkpoint_shapes
+    found = [sum(any(c in side for c in candidates(n, prefixes)) for n in names)
+             for side in (params, layout.checkpoint_shapes)]
+    hint = (f"Of the delta's {len(names)} tensors, {found[0]} are in the model's layout (its "
+            f"parameters, named like [{format_names(params, 3)}]) and {found[1]} in its "
+            f"checkpoint's layout (named like [{format_names(examples, 3)}]); use the base "
+            "model the delta was made for.")
+    known = set(params) | set(layout.checkpoint_shapes)
+    return resolve_names(names, known, prefixes=prefixes, aliases=aliases, hint=hint), layout
+
+
+def _check_shape(name: str, found: tuple[int, ...], target: str, shape: tuple[int, ...]) -> None:
+    if tuple(shape) != found:
+        raise ShapeError(
+            f"{name!r}: the delta is for shape {list(found)} but the model's {target!r} has "
+            f"{list(shape)}; use the base model the delta was made for."
+        )
+
+
+def model_delta(model: nn.Module, delta: SparseDelta) -> SparseDelta:
+    """``delta`` in ``model``'s own parameter names and layout.
+
+    Delta names may carry or omit the model's prefix, name either tensor of a tied pair,
+    or be checkpoint names (what ``save_pretrained`` writes: for Mixtral,
+    ``block_sparse_moe.experts.3.w1.weight`` for part of the fused parameter
+    ``mlp.experts.gate_up_proj``); see :class:`spdelta.hf.layout.CheckpointLayout`.
 
     Args:
-        params: Name -> dense tensor.
-        names: The names to cover (e.g. the delta's tensor names, after mapping).
+        model: The model.
+        delta: A delta in model or checkpoint names (or a mix of both).
 
     Returns:
-        ``"sha256:<first 16 hex digits>"``.
+        The same entries keyed by ``model.named_parameters()`` names, laid out as the
+        parameters are; metadata kept.
+
+    Raises:
+        KeyMismatchError: A name matches nothing (the message shows both layouts' names),
+            or two delta names address the same parameter.
+        ShapeError: A delta shape differs from its tensor's.
 
     Example:
-        >>> fingerprint({"w": torch.ones(3)}, ["w"]) == fingerprint({"w": torch.ones(3)}, ["w"])
-        True
+        >>> lin = torch.nn.Linear(2, 2)
+        >>> d = SparseDelta({"weight": ((2, 2), torch.tensor([1]), torch.tensor([1.0]))})
+        >>> model_delta(lin, d).keys()
+        ['weight']
     """
-    return combine_samples({n: fingerprint_sample(n, params[n]) for n in names})
-
-
-def fingerprint_sample(name: str, t: Tensor) -> bytes:
-    """The bytes :func:`fingerprint` hashes for one tensor (small: <= 4 KiB of values)."""
-    flat = t.detach().reshape(-1)
-    pos = torch.linspace(0, max(flat.numel() - 1, 0), min(_SAMPLES, flat.numel())).long()
-    head = f"{name}:{list(t.shape)}:".encode()
-    return head + flat[pos.to(flat.device)].to("cpu", torch.float32).numpy().tobytes()
-
-
-def combine_samples(samples: Mapping[str, bytes]) -> str:
-    """Hash per-tensor samples (name -> :func:`fingerprint_sample`) in name order."""
-    h = hashlib.sha256()
-    for name in sorted(samples):
-        h.update(samples[name])
-    return "sha256:" + h.hexdigest()[:16]
-
-
-def _targets(model: nn.Module, delta: SparseDelta) -> dict[str, Tensor]:
+    mapping, layout = resolve_delta(model, delta.keys())
     params = dict(model.named_parameters())
-    mapping = resolve_names(
-        delta.keys(), params, prefixes=model_prefixes(model), aliases=tied_aliases(model)
-    )
-    out: dict[str, Tensor] = {}
+    direct, via = {}, {}
     for name, target in mapping.items():
-        if tuple(params[target].shape) != delta[name].shape:
-            raise ShapeError(
-                f"{name!r}: the delta is for shape {list(delta[name].shape)} but the "
-                f"model's {target!r} has {list(params[target].shape)}; use the base "
-                "model the delta was made for."
-            )
-        out[name] = params[target]
+        if target in params:
+            _check_shape(name, delta[name].shape, target, tuple(params[target].shape))
+            direct[target] = delta[name]
+        elif layout is not None:
+            _check_shape(name, delta[name].shape, target, layout.checkpoint_shapes[target])
+            via[target] = delta[name]
+    out = dict(direct)
+    if via and layout is not None:
+        for target, entry in layout.to_model(SparseDelta._trusted(via, {})).items():
+            if target in out:
+                raise KeyMismatchError(
+                    f"the delta names {target!r} both directly and through checkpoint "
+                    "tensors; a delta must name each tensor once (spec §6). Compose them.")
+            out[target] = entry
+    return SparseDelta._trusted(out, delta.metadata)
+
+
+def _base_tensors(model: nn.Module, delta: SparseDelta) -> dict[str, Tensor]:
+    """Delta name -> the base tensor it addresses, in the delta's own layout."""
+    mapping, layout = resolve_delta(model, delta.keys())
+    params: dict[str, Tensor] = dict(model.named_parameters())
+    out = {n: params[t] for n, t in mapping.items() if t in params}
+    via = {t: n for n, t in mapping.items() if t not in params}
+    if via and layout is not None:
+        out.update({via[c]: t for c, t in layout.checkpoint_tensors(names=via).items()})
     return out
 
 
-def _check_base(delta: SparseDelta, targets: Mapping[str, Tensor]) -> None:
+def check_alpha(alpha: float) -> float:
+    """``alpha`` as a float, or raise: a scale must be a finite real number.
+
+    Raises:
+        ParameterError: ``alpha`` is NaN, infinite, or not a real number.
+
+    Example:
+        >>> check_alpha(0.5)
+        0.5
+    """
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
+        raise ParameterError(f"alpha must be a finite number; found {alpha!r} (--alpha).")
+    return float(alpha)
+
+
+def check_overflow(name: str, before: Tensor, after: Tensor, alpha: float) -> None:
+    """Refuse entries that ``alpha * delta`` made non-finite (they were finite before).
+
+    Raises:
+        ParameterError: Some entries overflowed the weight's dtype.
+
+    Example:
+        >>> check_overflow("w", torch.ones(2), torch.tensor([1.0, float("inf")]), 1e38)
+        Traceback (most recent call last):
+        ...
+        spdelta.errors.ParameterError: 'w': alpha 1e+38 times the delta overflows float32 \
+in 1 entries; use a smaller alpha (--alpha).
+    """
+    bad = int((~torch.isfinite(after) & torch.isfinite(before)).sum())
+    if bad:
+        raise ParameterError(f"{name!r}: alpha {alpha:g} times the delta overflows "
+                             f"{str(after.dtype).removeprefix('torch.')} in {bad} entries; use "
+                             "a smaller alpha (--alpha).")
+
+
+def legacy_fingerprint(targets: Mapping[str, Tensor]) -> str:
+    """The legacy ``sha256:`` fingerprint over a delta's base tensors (files before format 1.2).
+
+    Args:
+        targets: Delta name -> the base tensor it addresses, in the delta's layout.
+
+    Example:
+        >>> legacy_fingerprint({"w": torch.ones(3)})[:7]
+        'sha256:'
+    """
+    samples = {}
+    for name, t in targets.items():
+        pos = torch.tensor(legacy_positions(t.numel()), dtype=torch.int64, device=t.device)
+        samples[name] = legacy_sample(name, t.detach().reshape(-1)[pos], t.shape)
+    return legacy_combine(samples)
+
+
+def _check_base(model: nn.Module, delta: SparseDelta) -> None:
     expected = delta.metadata.get(KEY_FINGERPRINT)
-    if expected is None:
-        return
-    found = fingerprint(targets, targets)
-    if found != expected:
+    found = check_fingerprint(
+        expected,
+        current=lambda: fingerprint_tensors(checkpoint_tensors(model)),
+        # the legacy rule covers the delta's own tensors, in the delta's names and layout
+        legacy=lambda: legacy_fingerprint(_base_tensors(model, delta)),
+    )
+    if found is not None:
         raise BaseMismatchError(
             f"base model fingerprint: the delta was made for {expected}, this model is {found}; "
-            "load the right base model, or pass check_base=False to apply anyway."
+            "load the base model the delta was made for, in the dtype of its checkpoint, or "
+            "pass check_base=False to apply anyway."
         )
 
 
@@ -138,10 +245,11 @@ class _Applied(NamedTuple):
 _APPLIED: weakref.WeakKeyDictionary[nn.Module, list[_Applied]] = weakref.WeakKeyDictionary()
 
 
-def _add(model: nn.Module, delta: SparseDelta, alpha: float, check_base: bool) -> _Applied:
-    targets = _targets(model, delta)
-    if check_base:
-        _check_base(delta, targets)
+def _add(model: nn.Module, delta: SparseDelta, alpha: float) -> _Applied:
+    """Add ``alpha * delta`` (in model names and layout) in place; what was displaced."""
+    alpha = check_alpha(alpha)
+    params = dict(model.named_parameters())
+    targets = {n: params[n] for n in delta.keys()}
     original, applied = {}, {}
     with torch.no_grad():
         for name, p in targets.items():
@@ -150,14 +258,18 @@ def _add(model: nn.Module, delta: SparseDelta, alpha: float, check_base: bool) -
             idx = e.indices.to(p.device)
             acc = accumulate_dtype(p.dtype)
             original[name] = flat[idx].clone()
-            flat[idx] = (flat[idx].to(acc) + alpha * e.values.to(p.device, acc)).to(p.dtype)
-            applied[name] = flat[idx].clone()
+            added = original[name].to(acc) + alpha * e.values.to(p.device, acc)
+            applied[name] = added.to(p.dtype)
+            check_overflow(name, original[name], applied[name], alpha)
+        for name, p in targets.items():  # every tensor checked first: all or nothing
+            p.view(-1)[delta[name].indices.to(p.device)] = applied[name]
     return _Applied(delta, alpha, original, applied)
 
 
 def _restore(model: nn.Module, record: _Applied) -> bool:
     """Put back the displaced entries if the model still holds what was applied."""
-    targets = _targets(model, record.delta)
+    params = dict(model.named_parameters())
+    targets = {n: params[n] for n in record.delta.keys()}
     idx = {n: record.delta[n].indices.to(p.device) for n, p in targets.items()}
     if not all(torch.equal(p.view(-1)[idx[n]], record.applied[n]) for n, p in targets.items()):
         return False
@@ -172,9 +284,12 @@ def apply_to_model(
 ) -> nn.Module:
     """Add ``alpha * delta`` to ``model``'s parameters in place and return ``model``.
 
-    Delta names may carry or omit the model's ``base_model_prefix`` and may name
-    either tensor of a tied pair (it is then applied once, to the shared storage).
-    Each touched entry is summed in fp32 (fp64 for fp64 weights) and cast back,
+    Delta names may carry or omit the model's ``base_model_prefix``, may name
+    either tensor of a tied pair (it is then applied once, to the shared storage),
+    and may be the checkpoint's names and layout instead of the model's (a delta
+    trained or extracted on a Mixtral checkpoint names ``...experts.3.w1.weight``;
+    see :func:`model_delta`). Each touched entry is summed in fp32 (fp64 for fp64 weights)
+    and cast back,
     as ``apply_delta`` does; only the touched entries are materialised.
 
     Args:
@@ -197,7 +312,9 @@ def apply_to_model(
         >>> apply_to_model(model, d).weight.tolist()
         [[0.0, 3.0], [0.0, 0.0]]
     """
-    _APPLIED.setdefault(model, []).append(_add(model, delta, alpha, check_base))
+    if check_base:
+        _check_base(model, delta)
+    _APPLIED.setdefault(model, []).append(_add(model, model_delta(model, delta), alpha))
     return model
 
 
@@ -225,11 +342,12 @@ def remove_from_model(model: nn.Module, delta: SparseDelta, *, alpha: float = 1.
         >>> torch.equal(remove_from_model(apply_to_model(model, d), d).weight, before)
         True
     """
+    delta = model_delta(model, delta)
     records = _APPLIED.get(model, [])
     for i in range(len(records) - 1, -1, -1):
         r = records[i]
         if r.alpha == alpha and r.delta == delta and _restore(model, r):
             del records[i]
             return model
-    _add(model, delta, -alpha, check_base=False)
+    _add(model, delta, -alpha)
     return model

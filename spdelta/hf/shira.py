@@ -37,7 +37,7 @@ from spdelta.errors import ParameterError, ShapeError, SpdeltaError, format_name
 from spdelta.format import file_sha256
 from spdelta.format.constants import KEY_BASE_MODEL, KEY_PROVENANCE, KEY_REVISION
 from spdelta.hf._names import resolve_names
-from spdelta.hf.checkpoint import _atomic_dir, _tied_aliases, checkpoint_shards
+from spdelta.hf.checkpoint import _atomic_dir, _meta_model, _tied_aliases, checkpoint_shards
 from spdelta.hf.model import model_prefixes, tied_aliases
 
 __all__ = ["AdapterError", "export_shira", "import_shira"]
@@ -71,7 +71,7 @@ def _base_shapes(base: Base) -> tuple[dict[str, tuple[int, ...]], list[str], dic
         for shard, names in checkpoint_shards(root).items():
             with safe_open(str(root / shard), framework="pt") as f:
                 shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in names})
-        aliases, prefixes = _tied_aliases(root, set(shapes))
+        aliases, prefixes = _tied_aliases(_meta_model(root), set(shapes))
         return shapes, prefixes, aliases
     shapes = {
         n: tuple(v.shape) if isinstance(v, Tensor) else tuple(int(s) for s in v)

@@ -8,12 +8,14 @@ Example:
     [[3.0]]
 """
 
+from spdelta.kernels._experts import ExpertsRouter
 from spdelta.kernels._grad import eager_grad_and_value
 from spdelta.kernels._linear import SparseDeltaLinear, merge_weight, sparse_delta_linear
 from spdelta.kernels._route import LinearRouter
 from spdelta.kernels._sddmm import SampledGrad, sampled_grad, sampled_grad_dense
 
 __all__ = [
+    "ExpertsRouter",
     "LinearRouter",
     "SampledGrad",
     "SparseDeltaLinear",

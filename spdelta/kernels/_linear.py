@@ -94,6 +94,9 @@ def _dense(weight: Tensor, acc: torch.dtype) -> Tensor:
 class SparseDeltaLinear(torch.autograd.Function):
     """Autograd function for ``y = x (W + D)^T + b``; see :func:`sparse_delta_linear`.
 
+    With ``transposed``, ``W`` is stored ``(in, out)`` (GPT-2's ``Conv1D``) and
+    ``y = x (W + D) + b``; indices are flat positions into that stored layout.
+
     Forward merges ``W' = W + D`` transiently; only ``x``, ``W``, ``indices`` and
     ``values`` are saved (references: an NF4 ``W`` stays 4-bit and is dequantised
     again in backward). Backward rebuilds ``W'`` for ``dx = g W'`` (only when ``x``
@@ -109,44 +112,49 @@ class SparseDeltaLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(x: Tensor, weight: Tensor, bias: Tensor | None, indices: Tensor,
-                values: Tensor) -> Tensor:
+                values: Tensor, transposed: bool = False) -> Tensor:
         """Return ``F.linear(x, W + D, bias)``; ``W + D`` is freed on return."""
-        return F.linear(x, merge_weight(weight, indices, values), bias)
+        merged = merge_weight(weight, indices, values)
+        return F.linear(x, merged.t() if transposed else merged, bias)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
         """Save ``x``, ``W``, ``indices``, ``values`` (references, no copies)."""
-        x, weight, bias, indices, values = inputs
+        x, weight, bias, indices, values, *rest = inputs
         ctx.save_for_backward(x, weight, indices, values)
         ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.transposed = bool(rest and rest[0])
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         """Gradients for ``x``, ``W`` (dense, only if asked), ``bias`` and ``values``."""
         x, weight, indices, values = ctx.saved_tensors
-        need_x, need_w, need_b, _, need_v = ctx.needs_input_grad
+        need_x, need_w, need_b, _, need_v = ctx.needs_input_grad[:5]
         dx = dw = db = dv = None
         if need_x:
-            dx = g @ merge_weight(weight, indices, values)  # (..., in)
+            merged = merge_weight(weight, indices, values)
+            dx = g @ (merged.t() if ctx.transposed else merged)  # (..., in)
         acc = _acc_dtype(weight.dtype)
         g2 = g.reshape(-1, g.shape[-1]).to(acc)  # (tokens, out)
         if need_v or need_w:
             x2 = x.reshape(-1, x.shape[-1]).to(acc)  # (tokens, in)
+            # The stored layout is (rows, cols) = (out, in), or (in, out) when transposed.
+            rows, cols = (x2, g2) if ctx.transposed else (g2, x2)
             if need_w:  # the dense dL/dW = g^T x (SpIEL's AG window asks for it)
-                dw_acc = g2.t() @ x2  # (out, in)
+                dw_acc = rows.t() @ cols  # the stored layout
                 dw = dw_acc.to(weight.dtype)
                 if need_v:  # W' = W + D: dL/dD at the support is dL/dW gathered there
                     dv = dw_acc.reshape(-1)[indices].to(values.dtype)
             elif need_v:
-                dv = sampled_grad(g2, x2, indices, (weight.shape[0], weight.shape[1]))
+                dv = sampled_grad(rows, cols, indices, (weight.shape[0], weight.shape[1]))
                 dv = dv.to(values.dtype)
         if need_b:
             db = g2.sum(0).to(ctx.bias_dtype)
-        return dx, dw, db, None, dv
+        return dx, dw, db, None, dv, None
 
 
 def sparse_delta_linear(x: Tensor, weight: Tensor, bias: Tensor | None, indices: Tensor,
-                        values: Tensor) -> Tensor:
+                        values: Tensor, *, transposed: bool = False) -> Tensor:
     """Return ``x (W + D)^T + b`` where ``D`` holds ``values`` at flat ``indices``.
 
     Equal to ``F.linear(x, add_at(weight, indices, values), bias)`` but keeps no
@@ -163,6 +171,8 @@ def sparse_delta_linear(x: Tensor, weight: Tensor, bias: Tensor | None, indices:
         bias: Optional bias, shape ``(out,)``, or ``None``.
         indices: 1-D int64 sorted unique flat row-major positions into ``weight``.
         values: 1-D fp32/bf16 (or fp64) delta values, same length as ``indices``.
+        transposed: ``weight`` is stored ``(in, out)`` and ``y = x (W + D) + b``
+            (GPT-2's ``Conv1D``); ``indices`` address that stored layout.
 
     Returns:
         Output, shape ``(..., out)``, dtype of ``weight``.
@@ -176,4 +186,5 @@ def sparse_delta_linear(x: Tensor, weight: Tensor, bias: Tensor | None, indices:
         >>> y[:, 0].tolist(), v.grad.tolist()
         ([2.0, 2.0, 2.0], [3.0])
     """
-    return SparseDeltaLinear.apply(x, weight, bias, indices, values)  # type: ignore[no-any-return]
+    return SparseDeltaLinear.apply(  # type: ignore[no-any-return]
+        x, weight, bias, indices, values, transposed)

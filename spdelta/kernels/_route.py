@@ -1,9 +1,9 @@
-"""Route delta'd ``nn.Linear`` weights to the sparse-delta linear inside ``functional_call``."""
+"""Route delta'd ``nn.Linear`` and ``Conv1D`` weights to the sparse-delta linear kernel."""
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
 from typing import Any
@@ -15,16 +15,34 @@ from spdelta.kernels._linear import sparse_delta_linear
 __all__ = ["LinearRouter"]
 
 
-def _forward(module: nn.Linear, indices: Tensor, values: Tensor, input: Tensor) -> Tensor:  # noqa: A002
+def _forward(module: nn.Module, transposed: bool, indices: Tensor, values: Tensor,
+             input: Tensor) -> Tensor:  # noqa: A002
     # ``module.weight`` is whatever functional_call swapped in: the unmerged base W.
-    return sparse_delta_linear(input, module.weight, module.bias, indices, values)
+    return sparse_delta_linear(input, module.weight, module.bias, indices,  # type: ignore[arg-type]
+                               values, transposed=transposed)
+
+
+def _kind(module: nn.Module) -> bool | None:
+    """``False`` for a plain ``nn.Linear``, ``True`` for transformers' ``Conv1D``, else ``None``.
+
+    Plain means the class does not override ``forward``: ``F.linear(x, W, b)``, or for
+    ``Conv1D`` (weight stored ``(in, out)``) ``x @ W + b``.
+    """
+    cls = type(module)
+    if isinstance(module, nn.Linear) and cls.forward is nn.Linear.forward:
+        return False
+    for base in cls.__mro__:  # ``Conv1D`` itself, matched by name: no transformers import
+        if base.__name__ == "Conv1D" and base.__module__.startswith("transformers"):
+            return True if cls.forward is base.forward else None  # type: ignore[attr-defined]
+    return None
 
 
 class LinearRouter:
-    """Finds the ``nn.Linear`` weights of a model that can take the fast path.
+    """Finds the linear weights of a model that can take the fast path.
 
     A weight is eligible when its module is a plain ``nn.Linear`` (its class does
-    not override ``forward``, so it computes ``F.linear(x, weight, bias)``) and the
+    not override ``forward``, so it computes ``F.linear(x, weight, bias)``) or a plain
+    transformers ``Conv1D`` (GPT-2's transposed linear, ``x @ weight + bias``), and the
     weight is not shared (tied) with any other parameter name, so the merged
     weight is used by that module's forward only.
 
@@ -49,11 +67,10 @@ class LinearRouter:
 
     def __init__(self, model: nn.Module) -> None:
         uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
-        self._modules: dict[str, nn.Linear] = {
-            (f"{name}.weight" if name else "weight"): m
+        self._modules: dict[str, tuple[nn.Module, bool]] = {
+            (f"{name}.weight" if name else "weight"): (m, kind)
             for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward
-            and uses[id(m.weight)] == 1
+            if (kind := _kind(m)) is not None and uses[id(m.weight)] == 1
         }
 
     @property
@@ -69,16 +86,29 @@ class LinearRouter:
             deltas: Weight name (one of :attr:`names`) -> ``(indices, values)``:
                 1-D int64 sorted flat positions and the 1-D values.
         """
-        saved: list[tuple[nn.Linear, Any]] = []
-        try:
-            for name, (indices, values) in deltas.items():
-                module = self._modules[name]
-                saved.append((module, module.__dict__.get("forward")))
-                module.forward = partial(_forward, module, indices, values)  # type: ignore[method-assign]
+        forwards = []
+        for name, (indices, values) in deltas.items():
+            module, transposed = self._modules[name]
+            forwards.append((module, partial(_forward, module, transposed, indices, values)))
+        with swapped_forwards(forwards):
             yield
-        finally:
-            for module, previous in reversed(saved):
-                if previous is None:
-                    del module.forward
-                else:
-                    module.forward = previous
+
+
+@contextmanager
+def swapped_forwards(forwards: Sequence[tuple[nn.Module, Callable[..., Any]]]) -> Iterator[None]:
+    """Set each module's instance ``forward`` while open; restore the previous one after.
+
+    ``nn.Module.__call__`` looks ``forward`` up on the instance, so hooks still run.
+    """
+    saved: list[tuple[nn.Module, Any]] = []
+    try:
+        for module, forward in forwards:
+            saved.append((module, module.__dict__.get("forward")))
+            module.forward = forward  # type: ignore[method-assign]
+        yield
+    finally:
+        for module, previous in reversed(saved):
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous

@@ -18,6 +18,7 @@ from spdelta.types import Shape
 
 __all__ = [
     "budget",
+    "check_finite_result",
     "check_fraction",
     "check_real",
     "check_shapes",
@@ -27,6 +28,26 @@ __all__ = [
     "tensor_seed",
     "union_sum",
 ]
+
+
+def check_finite_result(name: str, values: Tensor, cause: str, fix: str) -> None:
+    """Refuse merged values that overflowed (the inputs were finite, rule V10).
+
+    Raises:
+        ParameterError: Some values are NaN or infinite; names the tensor and ``cause``.
+
+    Example:
+        >>> check_finite_result("w", torch.tensor([float("inf")]), "weights [1e308]",
+        ...                     "use smaller weights (--weights)")
+        Traceback (most recent call last):
+        ...
+        spdelta.errors.ParameterError: 'w': the result overflows float32 in 1 of 1 entries \
+with weights [1e308]; use smaller weights (--weights).
+    """
+    bad = int((~torch.isfinite(values)).sum()) if values.is_floating_point() else 0
+    if bad:
+        raise ParameterError(f"{name!r}: the result overflows {str(values.dtype)[6:]} in {bad} "
+                             f"of {values.numel()} entries with {cause}; {fix}.")
 
 
 def check_real(where: str, what: str, value: object) -> float:

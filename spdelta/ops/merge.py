@@ -32,7 +32,7 @@ from torch import Tensor
 
 from spdelta.delta import DeltaTensor, SparseDelta, numel_of
 from spdelta.errors import ParameterError
-from spdelta.ops._common import check_shapes, per_input, tensor_seed
+from spdelta.ops._common import check_finite_result, check_shapes, per_input, tensor_seed
 from spdelta.ops.merge_kernels import (
     breadcrumbs_tensor,
     dare_tensor,
@@ -147,8 +147,11 @@ def _run(plan: _Plan, name: str, indices: Sequence[Tensor], values: Sequence[Ten
     if plan.method.random:
         generator = torch.Generator(device=values[0].device)
         generator.manual_seed(tensor_seed(plan.seed, name))  # type: ignore[arg-type]
-    return plan.method(list(indices), list(values), numel=numel, weights=plan.weights,
+    i, v = plan.method(list(indices), list(values), numel=numel, weights=plan.weights,
                        densities=plan.densities, generator=generator, **plan.params)
+    check_finite_result(name, v, f"merge weights {list(plan.weights)}",
+                        "use smaller weights (--weights)")
+    return i, v
 
 
 def merge_tensor(name: str, indices: Sequence[Tensor], values: Sequence[Tensor], *, numel: int,

@@ -175,11 +175,11 @@ def remap_state(state: Any, old: Support, new: Support) -> Any:
 
 
 def state_to_tree(state: Any) -> Any:
-    """Encode an optimizer state as plain dicts, lists, ints and tensors (for ``torch.save``).
+    """Encode an optimizer state as plain dicts, lists, ints and tensors (for saving).
 
-    The result loads with ``torch.load(..., weights_only=True)`` (no pickled classes);
-    :func:`state_from_tree` rebuilds the state. Handles :class:`AdamWState`,
-    :class:`SM3State`, tuples of them and ``None``.
+    The result holds no class, so it is stored as JSON plus tensors (safetensors) and
+    read back without unpickling; :func:`state_from_tree` rebuilds the state. Handles
+    :class:`AdamWState`, :class:`SM3State`, tuples of them and ``None``.
 
     Raises:
         SpdeltaError: ``state`` is of a type this function does not know.

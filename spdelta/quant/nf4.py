@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -12,7 +14,7 @@ from torch import Tensor
 from spdelta.errors import KeyMismatchError, ShapeError, SpdeltaError, format_names
 from spdelta.types import Params
 
-__all__ = ["dequantize", "dequantize_base", "is_nf4", "nbytes", "to_nf4"]
+__all__ = ["dequantize", "dequantize_base", "is_nf4", "nbytes", "to_nf4", "torchao_hidden"]
 
 #: Packed bytes dequantised per chunk: bounds the int32 code buffer at 8 MiB.
 _CHUNK = 1 << 20
@@ -28,6 +30,43 @@ def _nf4_module() -> Any:
             raise SpdeltaError("NF4 base weights need torchao; install it with "
                                "`pip install torchao`.") from e
     return nf4_tensor
+
+
+@contextmanager
+def torchao_hidden() -> Iterator[None]:
+    """While open, this process behaves as if ``torchao`` were not installed (unless imported).
+
+    transformers imports ``torchao`` as soon as its model code loads, whenever
+    ``torchao`` is installed, and importing ``torchao`` prints library-load failures
+    and ``torch.utils._pytree`` warnings. spdelta needs ``torchao`` for NF4 only, so the
+    command line runs every command but ``train --nf4`` inside this context: a ``None``
+    entry in ``sys.modules`` makes ``importlib.util.find_spec("torchao")`` return ``None``
+    and ``import torchao`` fail, which transformers reads as "not installed". On exit
+    the entry is removed and transformers' cached availability check is cleared, so a
+    later NF4 use imports ``torchao`` normally. If ``torchao`` is already imported,
+    nothing is hidden.
+
+    Example:
+        >>> import importlib.util, sys
+        >>> already = "torchao" in sys.modules
+        >>> with torchao_hidden():
+        ...     hidden = importlib.util.find_spec("torchao") is None
+        >>> hidden or already
+        True
+    """
+    if "torchao" in sys.modules:
+        yield
+        return
+    sys.modules["torchao"] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        if "torchao" in sys.modules and sys.modules["torchao"] is None:
+            del sys.modules["torchao"]
+        checks = sys.modules.get("transformers.utils.import_utils")
+        cache_clear = getattr(getattr(checks, "is_torchao_available", None), "cache_clear", None)
+        if callable(cache_clear):
+            cache_clear()
 
 
 def is_nf4(t: object) -> bool:

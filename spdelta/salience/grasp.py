@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from spdelta.errors import SpdeltaError
 from spdelta.salience._calib import (
@@ -35,7 +36,9 @@ def grasp(cal: Calibration, *, temperature: float = 200.0) -> Params:
     removed, or even increase it). This function returns ``theta * H g``, the negation,
     so that, as for every metric here, higher means keep: the top-k of this score is
     the set GraSP keeps. The batches must be re-iterable (two passes); the model's
-    ops must support double backward (use eager attention for HF models).
+    ops must support double backward. Scaled-dot-product attention (the default of
+    Hugging Face models) runs its math backend in the second pass: the fused CPU and
+    CUDA kernels have no second derivative, the math one is plain matmuls and softmax.
 
     Args:
         cal: The calibration inputs.
@@ -70,7 +73,7 @@ def grasp(cal: Calibration, *, temperature: float = 200.0) -> Params:
     total = 0
     for batch, n in examples(cal, desc="grasp Hg"):
         prepare_grads(leaves, n)
-        with torch.enable_grad():
+        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
             loss = batch_loss(cal, {**params, **leaves}, batch, temperature=temperature)
             grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True,
                                         allow_unused=True)

@@ -29,32 +29,6 @@ if TYPE_CHECKING:
 Forward = Callable[[dict[str, Any]], torch.Tensor]
 
 
-def check_eval_options(cfg: TrainConfig) -> None:
-    """The evaluation and prompt options: one source, sane numbers, ``--keep best`` with one."""
-    sources = [f for f, v in (("--eval-data", cfg.eval_data), ("--eval-split", cfg.eval_split),
-                              ("--eval-fraction", cfg.eval_fraction)) if v is not None]
-    if len(sources) > 1:
-        raise ParameterError(f"{' and '.join(sources)} both given; pass one source of held-out "
-                             "rows.")
-    if cfg.eval_fraction is not None and not 0 < cfg.eval_fraction < 1:
-        raise ParameterError(f"--eval-fraction: expected a fraction in (0, 1); found "
-                             f"{cfg.eval_fraction}.")
-    if cfg.eval_every is not None and cfg.eval_every < 1:
-        raise ParameterError(f"--eval-every: expected >= 1; found {cfg.eval_every}.")
-    if cfg.keep not in ("last", "best"):
-        raise ParameterError(f"--keep: expected 'last' or 'best'; found {cfg.keep!r}.")
-    if cfg.keep == "best" and not sources:
-        raise ParameterError("--keep best needs held-out rows to compare steps on; pass "
-                             "--eval-data, --eval-split or --eval-fraction.")
-    if cfg.fsdp and (sources or (cfg.micro_batch_size or 0) > 0):
-        raise ParameterError("--fsdp does not evaluate or accumulate micro-batches yet; drop "
-                             "--fsdp (data parallel), or drop the --eval-* and "
-                             "--micro-batch-size options.")
-    if cfg.chat_template not in ("auto", "none") and not Path(cfg.chat_template).is_file():
-        raise ParameterError(f"--chat-template: expected auto, none or a template file; "
-                             f"{cfg.chat_template!r} is not a file.")
-
-
 def read_chat_template(cfg: TrainConfig) -> tuple[str, str]:
     """``(chat_template argument for encoding, what the delta's record says)``."""
     import hashlib

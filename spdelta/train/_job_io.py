@@ -1,16 +1,18 @@
 """A training job's files: its checkpoint (state, log, settings) and its outputs.
 
-The checkpoint directory holds ``job.json`` (the comparable settings and the log)
-and ``state/`` (:func:`spdelta.dist.save_checkpoint`). The outputs are the delta
-file, ``<output>.log.json`` and ``<output>.loss.png``.
+The checkpoint directory holds ``spdelta-checkpoint.json`` (the marker, see
+:mod:`spdelta.train._job_dir`), ``job.json`` (the comparable settings and the log) and
+``state/`` (:func:`spdelta.dist.save_checkpoint`). The outputs are the delta file,
+``<output>.log.json`` and ``<output>.loss.png``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import filecmp
 import io
 import json
-import shutil
+import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,9 +20,10 @@ import torch
 
 from spdelta._io import atomic_write
 from spdelta.delta import SparseDelta
-from spdelta.errors import ParameterError, SpdeltaError
+from spdelta.errors import OutputExistsError, ParameterError, SpdeltaError
 from spdelta.format.constants import KEY_BASE_MODEL, KEY_FINGERPRINT, KEY_TRAINING
 from spdelta.train._defaults import default_lr
+from spdelta.train._job_dir import ckpt_dir, mark, outputs, remove_checkpoint
 from spdelta.train._spiel_io import SpielState
 
 if TYPE_CHECKING:
@@ -31,18 +34,14 @@ RUN_ONLY = frozenset({"checkpoint_every", "checkpoint_dir", "resume", "stop_afte
                       "force", "fsdp", "device"})
 
 
-def ckpt_dir(cfg: TrainConfig) -> Path:
-    return Path(cfg.checkpoint_dir or cfg.output + ".ckpt")
-
-
 def comparable(cfg: TrainConfig) -> dict[str, Any]:
     d = dataclasses.asdict(cfg)
     d["label_names"] = list(cfg.label_names) if cfg.label_names is not None else None
     return {k: v for k, v in d.items() if k not in RUN_ONLY}
 
 
-def write_json(path: Path, obj: Any) -> None:
-    with atomic_write(path) as f:
+def write_json(path: Path, obj: Any, *, overwrite: bool = True) -> None:
+    with atomic_write(path, overwrite=overwrite) as f:
         f.write(json.dumps(obj, indent=1, sort_keys=True).encode())
 
 
@@ -52,7 +51,7 @@ def save_job(ckpt: Path, state: SpielState, cfg: TrainConfig, log: list[dict[str
     from spdelta.dist import save_checkpoint
 
     if rank == 0:
-        ckpt.mkdir(parents=True, exist_ok=True)
+        mark(ckpt)
         write_json(ckpt / "job.json", {"config": comparable(cfg), "log": log})
     state = state._replace(rng_state=torch.get_rng_state())
     save_checkpoint(state, ckpt / "state")
@@ -85,7 +84,7 @@ def load_job(ckpt: Path, job: dict[str, Any]) -> tuple[SpielState, list[dict[str
     return state, job["log"][:state.step]
 
 
-def plot_losses(log: list[dict[str, float]], path: Path, title: str) -> bool:
+def plot_losses(log: list[dict[str, float]], path: Path, title: str, overwrite: bool) -> bool:
     try:
         import matplotlib
 
@@ -117,20 +116,15 @@ def plot_losses(log: list[dict[str, float]], path: Path, title: str) -> bool:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    with atomic_write(path) as f:
+    with atomic_write(path, overwrite=overwrite) as f:
         f.write(buf.getvalue())
     return True
 
 
 
-def finish(cfg: TrainConfig, run: _Run, model: Any, state: SpielState,
-           log: list[dict[str, float]], summary: dict[str, Any]) -> None:
-    """Write the delta (with its metadata), the JSON log and the loss curve; drop the checkpoint.
-
-    Every rank takes part (an FSDP2 delta is gathered from all of them); rank 0 writes.
-    """
-    from spdelta.format import save_delta
-
+def _delta(cfg: TrainConfig, run: _Run, model: Any, state: SpielState,
+           summary: dict[str, Any]) -> SparseDelta:
+    """The trained delta with its metadata (every rank takes part in an FSDP2 gather)."""
     nnz, entries = summary["nnz"], summary["target_entries"]
     record = {**comparable(cfg), "nnz": nnz, "achieved_density": nnz / max(1, entries),
               "total_steps": run.total, "data_format": run.data.format,
@@ -152,19 +146,56 @@ def finish(cfg: TrainConfig, run: _Run, model: Any, state: SpielState,
     delta = SparseDelta.from_support({n: i.cpu() for n, i in support.items()},
                                      {n: v.cpu() for n, v in values.items()}, run.shapes,
                                      metadata=meta)
-    out, ckpt = Path(cfg.output), ckpt_dir(cfg)
+    return run.targets.layout.to_checkpoint(delta)  # names and layout of the model's directory
+
+
+def _save_or_match(delta: SparseDelta, out: Path, force: bool) -> None:
+    """Write the delta; if ``out`` exists (a resumed run wrote it), it must be these bytes."""
+    from spdelta.format import save_delta
+
+    if force or not out.exists():
+        save_delta(delta, out, overwrite=force)  # checked again, atomically
+        return
+    tmp = out.with_name(f".{out.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        save_delta(delta, tmp)
+        same = filecmp.cmp(tmp, out, shallow=False)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if not same:
+        raise OutputExistsError(f"output {str(out)!r} exists and is not this run's delta; pass "
+                                "--force to replace it, or choose another -o.")
+
+
+def finish(cfg: TrainConfig, run: _Run, model: Any, state: SpielState,
+           log: list[dict[str, float]], summary: dict[str, Any], resumed: bool) -> None:
+    """Write the delta (with its metadata), the JSON log and the loss curve; drop the checkpoint.
+
+    Every rank takes part (an FSDP2 delta is gathered from all of them); rank 0 writes.
+    The marker records first that the outputs are being written; a run killed then is
+    resumed with ``resumed`` (it began writing them): it keeps an existing delta that is
+    byte for byte this run's, and an existing log and loss curve. Nothing else that
+    exists is replaced without ``--force``.
+    """
+    delta = _delta(cfg, run, model, state, summary)
+    out, log_path, png = outputs(cfg)
+    ckpt = ckpt_dir(cfg)
     if run.rank == 0:
-        if out.parent != Path(""):
-            out.parent.mkdir(parents=True, exist_ok=True)
-        save_delta(delta, out)
-        log_path = out.with_name(out.name + ".log.json")
-        write_json(log_path, {"config": comparable(cfg), "summary": summary, "log": log})
-        png = out.with_name(out.name + ".loss.png")
-        plotted = plot_losses(log, png, f"spdelta {cfg.method} on {Path(cfg.model).name}")
-        run.speak(f"saved {out} ({out.stat().st_size / 1e6:.2f} MB, nnz {nnz:,}); "
+        mark(ckpt, finishing=True)
+        _save_or_match(delta, out, cfg.force)
+        keep = resumed and not cfg.force  # a killed run of this job wrote them
+        if not (keep and log_path.exists()):
+            write_json(log_path, {"config": comparable(cfg), "summary": summary, "log": log},
+                       overwrite=cfg.force)
+        title = f"spdelta {cfg.method} on {Path(cfg.model).name}"
+        plotted = (keep and png.exists()) or plot_losses(log, png, title, cfg.force)
+        run.speak(f"saved {out} ({out.stat().st_size / 1e6:.2f} MB, nnz {delta.nnz:,}); "
                   f"log {log_path}" + (f"; loss curve {png}" if plotted else
                                        "; no loss curve (pip install matplotlib)"))
     if run.world > 1:
         torch.distributed.barrier()
-    if ckpt.is_dir() and run.rank == 0:
-        shutil.rmtree(ckpt)  # finished: the delta file is the result
+    if run.rank == 0:  # finished: the delta file is the result
+        left = remove_checkpoint(ckpt)
+        if left:
+            run.speak(f"kept {ckpt}: it holds files spdelta did not write "
+                      f"({', '.join(left[:5])}); the checkpoint in it is removed.")

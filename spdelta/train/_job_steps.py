@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from spdelta.errors import ParameterError, SpdeltaError
+from spdelta.errors import SpdeltaError
 from spdelta.optim import Schedule
 from spdelta.train._spiel_io import SpielState
 from spdelta.types import Params, Support
@@ -44,28 +44,6 @@ def select_support(cfg: TrainConfig, model: Any, base: Params, names: list[str],
     if cfg.lora_rank is not None:
         return select_topk(scores, lora_rank=cfg.lora_rank)
     return select_topk(scores, density=0.01 if cfg.density is None else cfg.density)
-
-
-def check_optim_options(cfg: TrainConfig) -> None:
-    """The learning rate, schedule, warmup, clipping and micro-batch options."""
-    from spdelta.optim.schedules import SCHEDULES, resolve_warmup
-
-    if cfg.schedule not in SCHEDULES:
-        raise ParameterError(f"--schedule: expected one of {', '.join(SCHEDULES)}; found "
-                             f"{cfg.schedule!r}.")
-    try:
-        resolve_warmup(cfg.warmup, 0)
-    except ParameterError:
-        raise ParameterError(f"--warmup: expected a ratio in [0, 1) or a whole number of steps; "
-                             f"found {cfg.warmup}.") from None
-    if cfg.lr is not None and not cfg.lr > 0:
-        raise ParameterError(f"--lr: expected > 0; found {cfg.lr}.")
-    if cfg.max_grad_norm is not None and not 0 < cfg.max_grad_norm < math.inf:
-        raise ParameterError(f"--max-grad-norm: expected a positive number; found "
-                             f"{cfg.max_grad_norm}.")
-    if cfg.micro_batch_size is not None and not 1 <= cfg.micro_batch_size <= cfg.batch_size:
-        raise ParameterError(f"--micro-batch-size: expected 1 .. --batch-size "
-                             f"({cfg.batch_size}); found {cfg.micro_batch_size}.")
 
 
 def lr_schedule(cfg: TrainConfig, total: int) -> Schedule:

@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import os
-import pickle
 from typing import Any, NamedTuple
 
-import torch
 from torch import Tensor
 
-from spdelta._io import atomic_write
 from spdelta.errors import SpdeltaError
-from spdelta.optim.reset import state_from_tree, state_to_tree
+from spdelta.train._state_io import decode_state, encode_state, read_state, write_state
 from spdelta.types import Support, Values
 
 __all__ = ["SpielState", "load_state", "save_state"]
-
-_FORMAT = "spdelta.spiel_state/1"
-
 
 class SpielState(NamedTuple):
     """Everything a SpIEL run carries from one step to the next.
@@ -44,11 +38,11 @@ class SpielState(NamedTuple):
 
 
 def save_state(state: SpielState, path: str | os.PathLike[str]) -> None:
-    """Write ``state`` to ``path`` atomically (temp file, fsync, ``os.replace``).
+    """Write ``state`` to the file ``path`` atomically (temp file, fsync, ``os.replace``).
 
-    Only tensors, dicts, lists, ints and strings are stored, so :func:`load_state`
-    reads it with ``torch.load(weights_only=True)``; tensors are stored exactly, so a
-    resumed run is bit-identical to an uninterrupted one.
+    The file is safetensors plus JSON (:mod:`spdelta.train._state_io`): every tensor
+    stored exactly, so a resumed run is bit-identical to an uninterrupted one, and
+    nothing in it can run code when read.
 
     Args:
         state: The state to save.
@@ -57,20 +51,18 @@ def save_state(state: SpielState, path: str | os.PathLike[str]) -> None:
     Example:
         >>> import os, tempfile, torch
         >>> s = SpielState({"w": torch.ones(1)}, {"w": torch.tensor([2])}, None, 3, {}, None)
-        >>> path = os.path.join(tempfile.mkdtemp(), "state.pt")
+        >>> path = os.path.join(tempfile.mkdtemp(), "state.safetensors")
         >>> save_state(s, path)
         >>> load_state(path).step
         3
     """
-    payload = {"format": _FORMAT, "values": dict(state.values), "support": dict(state.support),
-               "opt_state": state_to_tree(state.opt_state), "step": int(state.step),
-               "grad_acc": dict(state.grad_acc), "rng_state": state.rng_state}
-    with atomic_write(path) as f:
-        torch.save(payload, f)
+    doc, flat = encode_state(state)
+    specs = [(k, t.dtype, tuple(t.shape)) for k, t in sorted(flat.items())]
+    write_state(path, doc, specs, flat.__getitem__)
 
 
 def load_state(path: str | os.PathLike[str]) -> SpielState:
-    """Read a state written by :func:`save_state` (``weights_only=True``: no code runs).
+    """Read a state written by :func:`save_state` (JSON and raw numbers: no code runs).
 
     Args:
         path: The file.
@@ -84,19 +76,14 @@ def load_state(path: str | os.PathLike[str]) -> SpielState:
     Example:
         >>> import os, tempfile, torch
         >>> s = SpielState({}, {}, None, 0, {}, torch.Generator().get_state())
-        >>> path = os.path.join(tempfile.mkdtemp(), "state.pt")
+        >>> path = os.path.join(tempfile.mkdtemp(), "state.safetensors")
         >>> save_state(s, path)
         >>> torch.equal(load_state(path).rng_state, s.rng_state)
         True
     """
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
-        raise SpdeltaError(f"{os.fspath(path)!r}: not a readable SpIEL state file ({e}).") from e
-    if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
-        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
-        raise SpdeltaError(f"{os.fspath(path)!r}: expected a SpIEL state of format {_FORMAT!r}; "
-                           f"found {found!r}. Save it with spdelta.train.spiel.save_state.")
-    return SpielState(dict(payload["values"]), dict(payload["support"]),
-                      state_from_tree(payload["opt_state"]), int(payload["step"]),
-                      dict(payload["grad_acc"]), payload["rng_state"])
+    doc, reader = read_state(path)
+    tensors = {k: reader.get_tensor(k) for k in reader.keys()}  # noqa: SIM118
+    state = decode_state(doc, tensors, {"SpielState": SpielState})
+    if not isinstance(state, SpielState):  # pragma: no cover - decode_state checked the kind
+        raise SpdeltaError(f"{os.fspath(path)!r}: not a SpIEL state.")
+    return state

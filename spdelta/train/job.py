@@ -5,8 +5,10 @@
 and writes the delta file, a JSON log and a loss-curve PNG. It checkpoints
 periodically and resumes bit for bit; under ``torchrun`` it runs data-parallel
 (``torch.distributed``, gloo on CPU, nccl on GPU) with one support on every rank.
-The checkpoint and output files are in :mod:`spdelta.train._job_io`, the support
-selection and step functions in :mod:`spdelta.train._job_steps`.
+The settings are in :mod:`spdelta.train._job_config`, the claim on the outputs and the
+checkpoint directory in :mod:`spdelta.train._job_dir`, the checkpoint and output files
+in :mod:`spdelta.train._job_io`, the support selection and step functions in
+:mod:`spdelta.train._job_steps`.
 """
 
 from __future__ import annotations
@@ -22,180 +24,28 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_map_only
 
-from spdelta.errors import OutputExistsError, ParameterError
+from spdelta.errors import ParameterError
 from spdelta.train._accum import MicroBatches
-from spdelta.train._defaults import DEFAULT_SCHEDULE, DEFAULT_WARMUP
+from spdelta.train._job_config import TrainConfig, check_config
 from spdelta.train._job_data import JobData
-from spdelta.train._job_eval import (
-    EvalHook,
-    Evaluator,
-    check_eval_options,
-)
-from spdelta.train._job_io import ckpt_dir, finish, job_file, load_job, save_job
+from spdelta.train._job_dir import ckpt_dir, claim_run
+from spdelta.train._job_eval import EvalHook, Evaluator
+from spdelta.train._job_io import comparable, finish, job_file, load_job, save_job
 from spdelta.train._job_steps import (
     budget_density,
-    check_optim_options,
     fsdp_engine,
     lr_schedule,
     make_optimizer,
     make_step_fn,
     select_support,
 )
+from spdelta.train._job_targets import JobTargets, job_targets, say_support, say_targets
 from spdelta.train._spiel_io import SpielState
 
 __all__ = ["TrainConfig", "train_job"]
 
 Batch = Mapping[str, Any]
 StepFn = Callable[[SpielState, Batch], tuple[SpielState, dict[str, float]]]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Settings of :func:`train_job` (the options of ``spdelta train``).
-
-    Attributes:
-        model: Directory of a Hugging Face causal LM checkpoint (or a hub id in the cache).
-        data: Training rows: a .csv/.tsv/.json/.jsonl/.parquet file, a ``save_to_disk``
-            directory, or a dataset name (see :func:`spdelta.data.load_table`).
-        output: Path of the delta file to write; the log is ``<output>.log.json``, the
-            loss curve ``<output>.loss.png``.
-        method: ``"speft"`` (static salience mask) or ``"spiel"`` (prune and regrow).
-        metric: SPEFT salience metric (:data:`spdelta.salience.METRICS`).
-        density: Fraction of the target entries trained (default 0.01 unless
-            ``lora_rank``).
-        lora_rank: Train as many entries as a rank-``r`` LoRA on the targets.
-        targets: Target weights (:func:`spdelta.targets.resolve_targets`).
-        lr: AdamW (SM3 for SpIEL-MA) peak learning rate; ``None``: the method's default
-            (:data:`spdelta.train.DEFAULT_LR`).
-        schedule: Learning-rate decay after the warmup: ``"constant"``, ``"linear"`` or
-            ``"cosine"`` (to 0 at the last step; :func:`spdelta.optim.warmup_schedule`).
-        warmup: Warmup steps (a whole number ``>= 1``) or a ratio of the run (``< 1``).
-        max_grad_norm: Clip the values' gradient to this global norm (``None``: no
-            clipping; :func:`spdelta.optim.clip_by_global_norm`).
-        weight_decay: AdamW decoupled weight decay of the delta values.
-        steps: Optimizer steps; exclusive with ``epochs``.
-        epochs: Passes over the data (rounded up to whole steps); default 1.
-        batch_size: Global batch size (rows per step, split over ranks).
-        micro_batch_size: Rows per forward/backward pass (``None``: the whole batch, or
-            its share per rank); each step accumulates the gradients of
-            ``batch_size / (ranks * micro_batch_size)`` micro-batches, weighted by their
-            label tokens, into the gradient of the whole batch.
-        max_length: Tokens per sequence (prompts are truncated from the left).
-        bf16: Load the base in bfloat16 (values stay fp32).
-        nf4: Quantise the target weights of the base to NF4 (torchao) after scoring.
-        device: Where the job computes: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; ``None``
-            (the default) is this process's GPU when torch sees one (under ``torchrun``
-            the ``LOCAL_RANK``-th), else the CPU. Checkpoints resume on any device.
-        fsdp: Under ``torchrun``, shard the base weights, values and optimizer state
-            per decoder layer with FSDP2 (``fully_shard``) instead of replicating them
-            (data parallel). AdamW only (SPEFT, or SpIEL-AG); not with ``nf4``.
-        seed: Seeds the data order, the SpIEL support and everything random.
-        split: Split of a dataset dict or named dataset.
-        prompt_column: Prompt column (prompt + response format; auto-detected).
-        response_column: Response column (prompt + response format; auto-detected).
-        text_column: Text column (text + label format).
-        label_column: Label column (text + label format).
-        label_names: Label id -> response text (text + label format).
-        template: ``str.format`` template of the prompt over the row's columns.
-        system: System message for chat templates.
-        chat_template: ``"auto"`` (the tokenizer's chat template when it has one),
-            ``"none"`` (plain prompt + response text) or a Jinja template file
-            (:func:`spdelta.data.encode_prompt_response`); the delta's training record
-            says which layout was used (``prompt_format``).
-        eval_data: Held-out rows (same formats as ``data``).
-        eval_split: A split of ``data`` (a dataset dict or named dataset) to hold out.
-        eval_fraction: Hold out this fraction of the training rows (drawn with ``seed``).
-        eval_every: Evaluate every this many steps (and at the end); ``None``: about 10
-            times a run (every ``max(1, steps // 10)``).
-        keep: ``"last"`` writes the final delta; ``"best"`` the delta of the evaluation
-            with the best accuracy (text + label data), else the lowest held-out loss.
-        calibration_examples: Examples scored for SPEFT selection.
-        regrowth: SpIEL regrowth, ``"ag"`` (accumulated gradients) or ``"ma"`` (SM3).
-        update_every: SpIEL steps between regrowths.
-        accumulate_steps: SpIEL-AG gradient window.
-        initial_fraction: SpIEL initial prune fraction (annealed linearly to 0).
-        checkpoint_every: Save a resumable checkpoint every this many steps (0: never,
-            except when stopping early with ``stop_after``).
-        checkpoint_dir: Where checkpoints go (default ``<output>.ckpt``).
-        resume: Continue from the checkpoint if there is one.
-        stop_after: Stop after this many steps in this call (leaving a checkpoint), e.g.
-            for time-limited jobs; ``--resume`` continues.
-        progress: Show progress bars.
-        force: Replace an existing output file.
-    """
-
-    model: str
-    data: str
-    output: str
-    method: str = "speft"
-    metric: str = "gradient"
-    density: float | None = None
-    lora_rank: int | None = None
-    targets: str = "all-linear"
-    lr: float | None = None
-    schedule: str = DEFAULT_SCHEDULE
-    warmup: float = DEFAULT_WARMUP
-    max_grad_norm: float | None = None
-    weight_decay: float = 0.0
-    steps: int | None = None
-    epochs: float | None = None
-    batch_size: int = 8
-    micro_batch_size: int | None = None
-    max_length: int = 256
-    bf16: bool = False
-    nf4: bool = False
-    device: str | None = None
-    fsdp: bool = False
-    seed: int = 0
-    split: str = "train"
-    prompt_column: str | None = None
-    response_column: str | None = None
-    text_column: str = "text"
-    label_column: str = "label"
-    label_names: tuple[str, ...] | None = None
-    template: str | None = None
-    system: str | None = None
-    chat_template: str = "auto"
-    eval_data: str | None = None
-    eval_split: str | None = None
-    eval_fraction: float | None = None
-    eval_every: int | None = None
-    keep: str = "last"
-    calibration_examples: int = 256
-    regrowth: str = "ag"
-    update_every: int = 20
-    accumulate_steps: int = 5
-    initial_fraction: float = 0.2
-    checkpoint_every: int = 50
-    checkpoint_dir: str | None = None
-    resume: bool = False
-    stop_after: int | None = None
-    progress: bool = True
-    force: bool = False
-
-
-def _check(cfg: TrainConfig) -> None:
-    check_optim_options(cfg)
-    check_eval_options(cfg)
-    if cfg.method not in ("speft", "spiel"):
-        raise ParameterError(f"method: expected 'speft' or 'spiel'; found {cfg.method!r}.")
-    if cfg.density is not None and cfg.lora_rank is not None:
-        raise ParameterError("density and lora_rank both given; pass one budget.")
-    if cfg.steps is not None and cfg.epochs is not None:
-        raise ParameterError("steps and epochs both given; pass one length.")
-    if (cfg.steps is not None and cfg.steps < 1) or (cfg.epochs is not None and cfg.epochs <= 0):
-        raise ParameterError(f"expected steps >= 1 or epochs > 0; found steps={cfg.steps}, "
-                             f"epochs={cfg.epochs}.")
-    if cfg.batch_size < 1 or cfg.max_length < 2:
-        raise ParameterError(f"expected batch_size >= 1 and max_length >= 2; found "
-                             f"{cfg.batch_size} and {cfg.max_length}.")
-    if cfg.regrowth not in ("ag", "ma"):
-        raise ParameterError(f"regrowth: expected 'ag' or 'ma'; found {cfg.regrowth!r}.")
-    if cfg.stop_after is not None and cfg.stop_after < 1:
-        raise ParameterError(f"stop_after: expected >= 1; found {cfg.stop_after}.")
-    if os.path.exists(cfg.output) and not cfg.force:
-        raise OutputExistsError(f"output {cfg.output!r} exists; pass --force to replace it or "
-                                "choose another -o.")
 
 
 def _device(cfg: TrainConfig, env: Any) -> torch.device:
@@ -243,6 +93,7 @@ class _Run:
     base: dict[str, torch.Tensor]
     shapes: dict[str, tuple[int, ...]]
     fingerprint: str
+    targets: JobTargets  # names, checkpoint layout, what all-linear left out, slow ones
     evals: EvalHook
 
     def shard(self, batch: Batch) -> dict[str, Any]:
@@ -276,13 +127,23 @@ class _Run:
         return list(got.batches) if isinstance(got, MicroBatches) else [got]
 
 
+def _base_fingerprint(source: str, model: Any) -> str:
+    """The checkpoint's fingerprint from disk (whatever dtype it is loaded in), else the model's."""
+    from spdelta.hf import CheckpointError, checkpoint_fingerprint, fingerprint
+
+    if os.path.isdir(source):
+        try:
+            return checkpoint_fingerprint(source)
+        except CheckpointError:  # e.g. a pytorch_model.bin checkpoint: the loaded model stands in
+            pass
+    return fingerprint(model)
+
+
 def _setup(cfg: TrainConfig, say: Callable[[str], None]) -> _Run:
     """Join the process group (under ``torchrun``); load the model onto the device, and the data."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from spdelta.dist import init_from_env
-    from spdelta.hf import fingerprint
-    from spdelta.targets import resolve_targets
 
     env = init_from_env(backend="gloo" if cfg.device == "cpu" else None)
     world, device = env.world_size, _device(cfg, env)
@@ -300,18 +161,21 @@ def _setup(cfg: TrainConfig, say: Callable[[str], None]) -> _Run:
                              f"torchrun (found world size {world}), no --nf4, and SPEFT or "
                              "SpIEL-AG; drop --fsdp to train data-parallel instead.")
     base = {n: p.detach() for n, p in model.named_parameters()}
-    names = resolve_targets(model, cfg.targets)
+    targets = job_targets(model, cfg.targets)
+    names = targets.names
     total, held = _total_steps(cfg, data), data.eval_set()
     evaluator = None if held is None else Evaluator(cfg, tokenizer, held, data.chat_template,
                                                     env.rank, world, device)
     run = _Run(env.rank, world, device, say if env.rank == 0 else (lambda _: None), model, data,
-               total, base, {n: tuple(base[n].shape) for n in names}, fingerprint(base, names),
+               total, base, {n: tuple(base[n].shape) for n in names},
+               _base_fingerprint(cfg.model, model), targets,
                EvalHook(evaluator, held, cfg.eval_every, total, cfg.keep == "best"))
     run.speak(f"model {cfg.model}: {len(names)} target tensors, "
               f"{sum(math.prod(s) for s in run.shapes.values()):,} target entries; data "
               f"{cfg.data}: {data.n} rows ({data.format}), {run.total} steps of {cfg.batch_size}"
               + (f" on {world} ranks" if world > 1 else "") + f", on {device}"
               + (f"; {len(held.prompts)} held-out rows" if held is not None else ""))
+    say_targets(run.speak, targets, run.shapes)
     return run
 
 
@@ -334,6 +198,7 @@ def _start(cfg: TrainConfig, run: _Run, ckpt: Path, job: dict[str, Any] | None
         support = random_support(run.shapes, density=budget_density(run.shapes, cfg),
                                  generator=torch.Generator().manual_seed(cfg.seed),
                                  device=run.device)
+    say_support(run.speak, support, run.shapes)
     values = {n: torch.zeros(i.numel(), dtype=torch.float32, device=run.device)
               for n, i in support.items()}
     opt = make_optimizer(cfg, support, run.shapes, run.total)
@@ -434,10 +299,16 @@ def train_job(cfg: TrainConfig, *, say: Callable[[str], None] = print) -> dict[s
        on ``seed`` and ``t``. A tqdm bar shows the loss and tokens/s. Every
        ``checkpoint_every`` steps the state (values, support, optimizer, AG
        accumulators, torch RNG, step = data position) is saved atomically with
-       ``torch.distributed.checkpoint`` under ``checkpoint_dir``; ``resume`` continues
-       from it and ends with the same delta, bit for bit, as an uninterrupted run.
-    4. Write the delta (metadata: base model, fingerprint, method and settings), the
-       JSON log (config, one record per step, summary) and the loss-curve PNG.
+       :func:`spdelta.dist.save_checkpoint` (safetensors + JSON: resuming reads no
+       pickle) under ``checkpoint_dir``; ``resume`` continues from it and ends with the
+       same delta, bit for bit, as an uninterrupted run, wherever the run was killed.
+    4. Write the delta (metadata: base model, fingerprint, method and settings) in the
+       names and layout of the checkpoint directory (per-expert tensors of a
+       mixture-of-experts model, as ``save_pretrained`` writes them), the JSON log
+       (config, one record per step, summary) and the loss-curve PNG. A run killed while
+       writing them resumes too: it keeps the delta already there if it is byte for byte
+       this run's (and the log and curve), and refuses anything else. A ``resume`` that
+       finds this job's finished delta and no checkpoint does nothing.
 
     Under ``torchrun`` every rank runs this function: each takes its share of every
     global batch, gradients and salience are averaged over ranks, supports are
@@ -447,20 +318,40 @@ def train_job(cfg: TrainConfig, *, say: Callable[[str], None] = print) -> dict[s
         cfg: The job's settings.
         say: Where progress lines go (rank 0 only).
 
+    The output files and the checkpoint directory are claimed first (an ``flock`` beside
+    each, held to the end): a second run on either fails at once, and nothing is
+    overwritten without ``force``. A checkpoint directory holding files spdelta did not
+    write (no ``spdelta-checkpoint.json``) is refused; at the end only what spdelta
+    wrote there is removed.
+
     Returns:
         A summary dict: ``steps``, ``finished`` (False when ``stop_after`` stopped it),
-        ``loss_first``, ``loss_last``, ``nnz``, ``seconds``, ``tokens_per_s`` and paths.
+        ``loss_first``, ``loss_last``, ``nnz``, ``seconds``, ``tokens_per_s``, paths,
+        ``targets_left_out`` (kind -> weights ``all-linear`` skipped: embeddings, norms,
+        the output layer, routers) and ``reference_path`` (targets without a fast kernel).
 
     Raises:
         ParameterError, DataError, OutputExistsError: Bad settings or data.
+        OutputBusyError: Another run holds the output or the checkpoint directory.
 
     Example:
         >>> cfg = TrainConfig(model="ckpt/", data="train.jsonl", output="d.safetensors",
         ...                   steps=100)
         >>> report = train_job(cfg)  # doctest: +SKIP
     """
-    _check(cfg)
+    check_config(cfg)
     ckpt = ckpt_dir(cfg)
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun, rank 0 claims and checks
+    with claim_run(cfg, rank, comparable(cfg)) as status:
+        if status == "finished":
+            say(f"{cfg.output} is this job's finished delta and its checkpoint is gone: "
+                "nothing to resume.")
+            return {"finished": True, "delta": cfg.output, "resumed": "nothing to do"}
+        return _train(cfg, ckpt, say, status == "finishing")
+
+
+def _train(cfg: TrainConfig, ckpt: Path, say: Callable[[str], None], finishing: bool
+           ) -> dict[str, Any]:
     job = job_file(ckpt, cfg) if cfg.resume else None  # fail before the slow part
     if not cfg.progress:
         _quiet_libraries()
@@ -481,10 +372,11 @@ def train_job(cfg: TrainConfig, *, say: Callable[[str], None] = print) -> dict[s
                "seconds": time.perf_counter() - t_start, "train_seconds_this_run": train_s,
                "tokens_per_s": tokens_run / train_s if train_s > 0 else 0.0,
                "world_size": run.world, "device": str(run.device), "delta": str(Path(cfg.output)),
-               "checkpoint": str(ckpt), **_eval_summary(run, log)}
+               "checkpoint": str(ckpt), "targets_left_out": run.targets.left_out,
+               "reference_path": run.targets.reference, **_eval_summary(run, log)}
     if not finished:
         run.speak(f"stopped at step {state.step} of {run.total}; checkpoint in {ckpt}. "
                   "Continue with the same command and --resume.")
         return summary
-    finish(cfg, run, model, run.evals.result(state), log, summary)
+    finish(cfg, run, model, run.evals.result(state), log, summary, finishing)
     return summary

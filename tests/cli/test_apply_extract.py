@@ -237,7 +237,7 @@ def test_extract_of_apply_recovers_the_delta(
     ]
     shard = sorted(checkpoint_shards(checkpoint))[0]
     assert record["inputs"][0]["files"][shard] == file_sha256(checkpoint / shard)
-    assert got.metadata["spdelta.base_model.fingerprint"].startswith("sha256:")
+    assert got.metadata["spdelta.base_model.fingerprint"].startswith("base1:")
     # The extracted delta carries the base fingerprint: apply checks it and accepts it.
     code, _, err = _run(
         capsys, "apply", "--base", checkpoint, "--delta", out, "-o", tmp_path / "o2"

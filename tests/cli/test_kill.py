@@ -90,3 +90,20 @@ def test_sigkill_leaves_old_file_or_none(tmp_path: Path, phase: str, old: bool) 
         assert not out.exists()
     outputs = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
     assert outputs == ([out] if old else [])
+
+
+def test_the_next_write_collects_what_a_killed_writer_left(tmp_path: Path) -> None:
+    out = tmp_path / "out.safetensors"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(out), "publish"], stdout=subprocess.PIPE, text=True
+    )
+    _kill_when(proc, lambda: bool(_temps(tmp_path)))
+    assert proc.stdout is not None
+    proc.stdout.close()
+    assert len(_temps(tmp_path)) == 1  # the killed run's partial temp file
+    save_delta(OLD, tmp_path / "in.safetensors")
+    from spdelta.cli import main
+
+    assert main(["convert", str(tmp_path / "in.safetensors"), "-o", str(out)]) == 0
+    assert _temps(tmp_path) == [] and load_delta(out) == OLD
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors", "out.safetensors"]

@@ -219,3 +219,29 @@ def test_nf4_weight_is_never_saved_dense() -> None:
     assert not any(type(t) is Tensor and tuple(t.shape) == tuple(q.shape) for t in saved)
     y.sum().backward()
     assert v.grad is not None and v.grad.shape == v.shape
+
+
+def _conv1d_reference(x: Tensor, weight: Tensor, bias: Tensor | None, indices: Tensor,
+                      values: Tensor) -> Tensor:
+    """GPT-2's ``Conv1D``: ``x @ (W + D) + b`` with ``W`` stored ``(in, out)``."""
+    y = x @ add_at(weight, indices, values)
+    return y if bias is None else y + bias
+
+
+@settings(max_examples=60, deadline=None)
+@given(cases())
+def test_transposed_weight_matches_conv1d_reference(c: dict) -> None:
+    """``transposed=True`` (Conv1D's ``(in, out)`` layout, indices into it): values, input,
+    bias and the dense weight gradient all equal autograd through the dense merge."""
+    c = {**c, "weight": c["weight"].t().contiguous()}  # (in, out); indices now address it
+
+    def fast(x: Tensor, w: Tensor, b: Tensor | None, i: Tensor, v: Tensor) -> Tensor:
+        return sparse_delta_linear(x, w, b, i, v, transposed=True)
+
+    got, want = _grads_backward(fast, c), _grads_backward(_conv1d_reference, c)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    w1, w2 = c["weight"].clone().requires_grad_(), c["weight"].clone().requires_grad_()
+    fast(c["x"], w1, c["bias"], c["indices"], c["values"]).sum().backward()
+    _conv1d_reference(c["x"], w2, c["bias"], c["indices"], c["values"]).sum().backward()
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-12, atol=1e-12)

@@ -39,9 +39,9 @@ def test_fast_equals_reference_grad_and_value(tiny_llama: nn.Module, token_batch
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
 
-    def counting(*args: Tensor | None) -> Tensor:
+    def counting(*args: Tensor | None, **kwargs: bool) -> Tensor:
         calls.append(1)
-        return sparse_delta_linear(*args)  # type: ignore[arg-type]
+        return sparse_delta_linear(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(_route, "sparse_delta_linear", counting)
     base, support, values = _problem(tiny_llama)

@@ -54,9 +54,9 @@ def test_fast_path_on_nf4_equals_reference(tiny_llama: torch.nn.Module, token_ba
 
     calls = []
 
-    def counting(*args: torch.Tensor | None) -> torch.Tensor:
+    def counting(*args: torch.Tensor | None, **kwargs: bool) -> torch.Tensor:
         calls.append(is_nf4(args[1]))
-        return sparse_delta_linear(*args)  # type: ignore[arg-type]
+        return sparse_delta_linear(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(_route, "sparse_delta_linear", counting)
     base = dict(tiny_llama.named_parameters())

@@ -193,6 +193,26 @@ def test_grasp_hvp_llama(tiny_llama: nn.Module, token_batch: dict[str, Tensor]) 
         assert w.abs().max() > 0
 
 
+def test_grasp_on_sdpa_attention_equals_eager(token_batch: dict[str, Tensor]) -> None:
+    """Hugging Face's default attention (SDPA) has no second derivative in its fused CPU
+    kernel; GraSP runs its Hessian-vector product on the math backend and so equals the
+    eager-attention model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+    torch.manual_seed(0)
+    sdpa = LlamaForCausalLM(cfg).double().eval()
+    assert sdpa.config._attn_implementation == "sdpa"
+    eager = LlamaForCausalLM(LlamaConfig(**{**cfg.to_dict(), "attn_implementation": "eager"}))
+    eager = eager.double().eval()
+    eager.load_state_dict(sdpa.state_dict())
+    got, want = (run(m, "grasp", [token_batch], LLAMA_TARGETS) for m in (sdpa, eager))
+    for n in LLAMA_TARGETS:  # RMSNorm runs in float32 in a float64 Llama: float32 precision
+        torch.testing.assert_close(got[n], want[n], rtol=0, atol=1e-5 * float(want[n].abs().max()))
+        assert want[n].abs().max() > 0
+
+
 def test_grasp_rejects_one_shot_iterator(tiny_mlp: nn.Module) -> None:
     with pytest.raises(SpdeltaError, match="re-iterable"):
         run(tiny_mlp, "grasp", iter(mlp_batches()), MLP_TARGETS, loss=mlp_loss)  # type: ignore[arg-type]

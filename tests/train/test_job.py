@@ -50,7 +50,7 @@ def test_speft_writes_delta_log_and_plot(tiny_lm_dir: str, data_dir: Path, tmp_p
     delta = load_delta(out)
     record = json.loads(delta.metadata["spdelta.training"])
     assert record["method"] == "speft" and record["lr"] == 0.01 and record["steps"] == 12
-    assert delta.metadata["spdelta.base_model.fingerprint"].startswith("sha256:")
+    assert delta.metadata["spdelta.base_model.fingerprint"].startswith("base1:")
     total = record["nnz"] / record["achieved_density"]
     assert delta.nnz == round(0.05 * total)  # the global top-k budget, exactly
     log = json.loads(out.with_name("d.st.log.json").read_text())

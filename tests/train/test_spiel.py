@@ -10,12 +10,15 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors.torch import save_file
 
 import spdelta
 from spdelta import make_loss_fn
+from spdelta.dist import save_checkpoint
 from spdelta.errors import ParameterError, SpdeltaError
 from spdelta.kernels import eager_grad_and_value
 from spdelta.optim import AdamWState, SM3State, adamw, sm3
+from spdelta.train import TrainState
 from spdelta.train.spiel import (
     _dense_grads,
     load_state,
@@ -280,9 +283,13 @@ def test_save_load_roundtrip_and_bad_file(tmp_path) -> None:
     back = load_state(path)
     assert isinstance(back.opt_state, SM3State) and back.opt_state.momentum["w"].tolist() == [0.0]
     assert torch.equal(back.rng_state, state.rng_state)
-    torch.save({"format": "other"}, tmp_path / "x.pt")
-    with pytest.raises(SpdeltaError, match="format"):
-        load_state(tmp_path / "x.pt")
-    (tmp_path / "y.pt").write_bytes(b"not a zip")
-    with pytest.raises(SpdeltaError, match="readable"):
-        load_state(tmp_path / "y.pt")
+    save_file({"x": torch.ones(1)}, str(tmp_path / "x.st"), metadata={"format": "pt"})
+    with pytest.raises(SpdeltaError, match="not a spdelta training state"):
+        load_state(tmp_path / "x.st")
+    save_checkpoint(TrainState({"w": torch.ones(1)}, None, 0), tmp_path / "ck")
+    with pytest.raises(SpdeltaError, match="expected a SpielState"):
+        load_state(tmp_path / "ck" / "state.safetensors")
+    for junk in (b"not a state file", b""):
+        (tmp_path / "y.pt").write_bytes(junk)
+        with pytest.raises(SpdeltaError, match="readable"):
+            load_state(tmp_path / "y.pt")
