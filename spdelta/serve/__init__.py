@@ -14,5 +14,6 @@ Example:
 from spdelta.serve._load import ServeError
 from spdelta.serve._nf4 import quantize_nf4
 from spdelta.serve.model import DeltaModel
+from spdelta.serve.text import TextServer
 
-__all__ = ["DeltaModel", "ServeError", "quantize_nf4"]
+__all__ = ["DeltaModel", "ServeError", "TextServer", "quantize_nf4"]

@@ -151,12 +151,17 @@ class Bank:
     def flat_entries(self, slot: int, *, transposed: bool) -> tuple[Tensor, Tensor]:
         """``(indices, values)`` of block ``slot`` as flat int64 positions into the stored weight.
 
-        Four small ops on views of the matrix (it is called once per layer on every swap).
+        Three small ops on views of the matrix (it runs once per layer on every swap).
+        The rows come from ``torch._convert_indices_from_csr_to_coo`` (what
+        ``Tensor.to_sparse_coo`` uses): ``repeat_interleave`` of the row counts gives the
+        same rows but starts a parallel region for any size, which took 12 ms (median,
+        9 us at best) per call on a busy 2-core machine against 10 us for this.
         """
         crow, out_f, in_f = self.matrix.crow_indices(), self.out_features, self.in_features
         start, end = int(crow[slot * out_f]), int(crow[(slot + 1) * out_f])
-        rows = torch.repeat_interleave(crow[slot * out_f:(slot + 1) * out_f + 1].diff().long())
         cols = self.matrix.col_indices()[start:end]  # slot * in + c
+        rows = torch._convert_indices_from_csr_to_coo(  # r, int64
+            crow[slot * out_f:(slot + 1) * out_f + 1] - start, cols, out_int32=False)[0]
         if transposed:  # stored (in, out): c * out + r
             flat = torch.add(rows, cols, alpha=out_f).sub_(slot * in_f * out_f)
         else:  # r * in + c

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from spdelta.delta import SparseDelta
-from spdelta.errors import ShapeError, SpdeltaError
+from spdelta.errors import BaseMismatchError, ShapeError, SpdeltaError
 from spdelta.format import load_delta
 from spdelta.hf._names import resolve_names
 from spdelta.hf.model import check_base, model_prefixes, tied_aliases
@@ -98,7 +98,10 @@ def _check(model: nn.Module, name: str, delta: SparseDelta, targets: Mapping[str
             f"delta {name!r}: the base's target weights are NF4, and its fingerprint is taken "
             "over the dense weights; load the deltas before quantize_nf4(), or pass "
             "check_base=False.")
-    check_base(model, delta)
+    try:
+        check_base(model, delta)
+    except BaseMismatchError as e:
+        raise BaseMismatchError(f"delta {name!r}: {e}") from None
 
 
 def delta_parts(model: nn.Module, name: str, delta: SparseDelta, targets: Mapping[str, Target],
