@@ -47,6 +47,28 @@ class RowPlan:
         self._matrices: dict[int, Tensor | None] = {}
         self._on: dict[torch.device, tuple[Tensor, Tensor, Tensor | None]] = {}
         self._expanded: dict[int, RowPlan] = {}
+        self._last: tuple[Tensor, int, torch.dtype, Tensor] | None = None
+
+    def grouped_input(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+        """``x`` laid out for the block product: ``(slots * in, groups * tokens)`` of ``dtype``.
+
+        Column ``(g, t)`` of block ``j`` is token ``t`` of the row at position ``(g, j)``.
+        Layers fed the same tensor (q, k and v; gate and up) share it: the last one is
+        kept, with a reference to ``x`` so that its memory cannot be reused meanwhile.
+        """
+        last = self._last
+        if last is not None and last[0] is x and last[1] == x._version and last[2] == dtype:
+            return last[3]
+        src = self.on(x.device)[0]
+        k, g, in_features = len(self.present), self.groups, x.shape[-1]
+        x3 = x.reshape(x.shape[0], -1, in_features)  # (rows, tokens, in)
+        tokens = x3.shape[1]
+        picked = x3.index_select(0, src).view(g, k, tokens, in_features)
+        xt = torch.empty((k, in_features, g, tokens), dtype=dtype, device=x.device)
+        xt.copy_(picked.permute(1, 3, 0, 2))
+        xt2 = xt.view(k * in_features, g * tokens)
+        self._last = (x, x._version, dtype, xt2)
+        return xt2
 
     def for_rows(self, rows: int) -> RowPlan:
         """This plan for a batch of ``rows``: itself, or each row repeated ``rows / len`` times.
@@ -97,15 +119,11 @@ def add_products(y: Tensor, x: Tensor, matrix: Tensor, plan: RowPlan) -> Tensor:
     Returns:
         ``y`` with the products added (the same tensor when updated in place).
     """
-    src, dest, keep = plan.on(x.device)
-    k, g = len(plan.present), plan.groups
-    in_features, out_features = x.shape[-1], y.shape[-1]
-    x3 = x.reshape(x.shape[0], -1, in_features)  # (rows, tokens, in)
-    tokens = x3.shape[1]
-    picked = x3.index_select(0, src).view(g, k, tokens, in_features)
-    xt = torch.empty((k, in_features, g, tokens), dtype=matrix.dtype, device=x.device)
-    xt.copy_(picked.permute(1, 3, 0, 2))  # column (g, t) of block j: token t of row (g, j)
-    yt = torch.sparse.mm(matrix, xt.view(k * in_features, g * tokens))  # (k * out, g * tokens)
+    _, dest, keep = plan.on(x.device)
+    k, g, out_features = len(plan.present), plan.groups, y.shape[-1]
+    xt = plan.grouped_input(x, matrix.dtype)  # (k * in, g * tokens)
+    tokens = xt.shape[1] // g
+    yt = torch.sparse.mm(matrix, xt)  # (k * out, g * tokens)
     ys = torch.empty((g, k, tokens, out_features), dtype=y.dtype, device=y.device)
     ys.copy_(yt.view(k, out_features, g, tokens).permute(2, 0, 3, 1))
     ys3 = ys.view(g * k, tokens, out_features)

@@ -270,7 +270,9 @@ class DeltaModel:
                 indices, values = bank.flat_entries(slot, transposed=target.transposed)
                 flat = weight.view(-1)
                 displaced = flat.index_select(0, indices)
-                flat.scatter_(0, indices, (displaced.to(values.dtype) + values).to(weight.dtype))
+                merged = displaced + values if displaced.dtype == values.dtype else (
+                    displaced.to(values.dtype) + values).to(weight.dtype)
+                flat.scatter_(0, indices, merged)
                 records.append((flat, indices, displaced))
         self._active = (name, records)
 
@@ -293,8 +295,10 @@ class DeltaModel:
         self._names.clear()
 
     def __repr__(self) -> str:
+        size = self.nbytes()
+        held = f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
         return (f"DeltaModel({len(self._names)} deltas on {len(self._banks)} layers, "
-                f"active={self.active!r}, {self.nbytes() / 2**20:.1f} MiB)")
+                f"active={self.active!r}, {held})")
 
 
 class _Hook:

@@ -17,19 +17,24 @@ Variants (each with its own model, all in this one process, taking turns each ro
   swap             ``activate`` + ``deactivate`` of one delta (median of ``--swap-reps``),
                    against peft ``merge_adapter`` + ``unmerge_adapter`` of one adapter.
 
-Time: in each of ``--rounds`` rounds every variant runs ``generate`` with one new token
-(``prefill_s``: HF's setup, the prefill and one greedy pick) and with ``--new-tokens``;
-``decode_step_s = (total - prefill) / (new_tokens - 1)``. Reported: medians over rounds;
-``prefill_tok_s`` counts the prompts' real (unpadded) tokens, ``decode_tok_s`` is rows
-per decode step.
+Time: in each of ``--rounds`` rounds every variant runs one ``generate``; a logits
+processor stamps the time at every step, so ``prefill_s`` is from the call to the first
+step's logits (HF's setup and the prefill forward) and each gap between stamps is one
+decode step (forward, greedy pick, cache update). Reported: the median prefill over the
+rounds and the median decode step over all steps of all rounds (a step slowed by another
+process on a shared machine moves a median little); ``prefill_tok_s`` counts the
+prompts' real (unpadded) tokens, ``decode_tok_s`` is rows per decode step.
 
 Memory: each variant also runs in a fresh child process (``MALLOC_MMAP_THRESHOLD_=131072``,
 so freed buffers leave the resident set). After the imports it reads ``VmRSS``
 (``rss_base``), builds the model and loads the deltas / adapters, generates once, and
 reads the peak ``VmHWM``. ``peak_total_mb = VmHWM - rss_base``: the serving process's
-peak, weights and loading included. ``model_mb`` is what is resident after building
-(weights + deltas or adapters), ``peak_generate_mb`` the extra peak of one ``generate``
-(the counter is reset after building; ``ru_maxrss`` where ``clear_refs`` is not writable).
+peak, weights and loading included. The checkpoint's tensors may be mapped from the
+file, resident only once touched; every variant reads one value per 4 KiB page of every
+weight right after loading, so all of them hold the whole model from then on.
+``model_mb`` is what is resident after building (weights + deltas or adapters),
+``peak_generate_mb`` the extra peak of one ``generate`` (the counter is reset after
+building; ``ru_maxrss`` where ``clear_refs`` is not writable).
 
 Example:
     python tools/bench/serve.py --json
@@ -69,6 +74,9 @@ def load_model(cfg: dict[str, Any]) -> tuple[nn.Module, Any]:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(cfg["model"], dtype=torch.float32)
+    with torch.no_grad():  # fault in every page: the weights may be mapped from the file
+        for t in (*model.parameters(), *model.buffers()):
+            t.view(-1)[::1024].sum()
     return model.eval().requires_grad_(False), tok
 
 
@@ -148,11 +156,30 @@ def build(name: str, cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def generate(v: dict[str, Any], batch: dict[str, torch.Tensor], tokens: int) -> torch.Tensor:
+class StepTimer:
+    """A logits processor that records when each generation step reaches it.
+
+    ``generate`` calls it once per step, right after the model's forward: the first
+    call ends the prefill, the gaps between calls are the decode steps.
+    """
+
+    def __init__(self) -> None:
+        self.start, self.stamps = time.perf_counter(), []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.stamps.append(time.perf_counter())
+        return scores
+
+
+def generate(v: dict[str, Any], batch: dict[str, torch.Tensor], tokens: int,
+             timer: StepTimer | None = None) -> torch.Tensor:
     """Greedy ``generate`` of exactly ``tokens`` new tokens."""
+    from transformers import LogitsProcessorList
+
+    extra = {"logits_processor": LogitsProcessorList([timer])} if timer else {}
     with torch.no_grad():
         return v["gen"](**batch, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                        pad_token_id=v["tok"].pad_token_id, **v["kw"])  # type: ignore[no-any-return]
+                        pad_token_id=v["tok"].pad_token_id, **v["kw"], **extra)  # type: ignore[no-any-return]
 
 
 def measure_time(names: list[str], cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -161,26 +188,23 @@ def measure_time(names: list[str], cfg: dict[str, Any]) -> dict[str, dict[str, A
     built = {n: build(n, cfg) for n in names}
     batch = prompts(cfg, built[names[0]]["tok"])
     real = int(batch["attention_mask"].sum())
-    first: dict[str, list[float]] = {n: [] for n in names}
-    total: dict[str, list[float]] = {n: [] for n in names}
+    prefill: dict[str, list[float]] = {n: [] for n in names}
+    steps: dict[str, list[float]] = {n: [] for n in names}
     for n in names:  # warm-up
         generate(built[n], batch, 2)
     for _ in range(cfg["rounds"]):
         for n in names:
-            start = time.perf_counter()
-            generate(built[n], batch, 1)
-            first[n].append(time.perf_counter() - start)
-            start = time.perf_counter()
-            out = generate(built[n], batch, cfg["new_tokens"])
-            total[n].append(time.perf_counter() - start)
+            timer = StepTimer()
+            out = generate(built[n], batch, cfg["new_tokens"], timer)
             assert out.shape[1] == batch["input_ids"].shape[1] + cfg["new_tokens"]
+            prefill[n].append(timer.stamps[0] - timer.start)
+            steps[n] += [b - a for a, b in zip(timer.stamps[:-1], timer.stamps[1:], strict=True)]
     res = {}
     for n in names:
-        pre, tot = statistics.median(first[n]), statistics.median(total[n])
-        step = (tot - pre) / max(cfg["new_tokens"] - 1, 1)
-        res[n] = {"prefill_s": pre, "generate_s": tot, "decode_step_s": step,
-                  "prefill_tok_s": real / pre, "decode_tok_s": cfg["rows"] / step,
-                  "prefill_s_all": first[n], "generate_s_all": total[n]}
+        pre, step = statistics.median(prefill[n]), statistics.median(steps[n])
+        res[n] = {"prefill_s": pre, "decode_step_s": step, "prefill_tok_s": real / pre,
+                  "decode_tok_s": cfg["rows"] / step, "prompt_tokens": real,
+                  "prefill_s_all": prefill[n], "decode_step_s_all": steps[n]}
         if "rank" in built[n]:
             res[n]["lora_rank"] = built[n]["rank"]
         if "dm" in built[n]:
