@@ -39,11 +39,14 @@ def test_a_delta_for_another_base_is_refused_before_anything_changes(
     save_delta(make_delta(other, seed=2), tmp_path / "other.st")
     before = bits(model)
     dm = DeltaModel(model, {"a": make_delta(model, seed=1)})
-    with pytest.raises(BaseMismatchError, match="fingerprint: the delta was made for sha256:"):
+    with pytest.raises(BaseMismatchError, match="delta 'other': base model fingerprint: "
+                                                "the delta was made for sha256:"):
         dm.add({"b": make_delta(model, seed=3), "other": tmp_path / "other.st"})
     assert dm.names == ["a"]  # neither the good nor the bad delta of the refused call
+    assert same_bits(bits(model), before)
     with pytest.raises(BaseMismatchError):
         DeltaModel(model, {"other": tmp_path / "other.st"})
+    assert same_bits(bits(model), before)
     dm.activate("a")
     dm.deactivate()
     assert same_bits(bits(model), before)
