@@ -27,6 +27,7 @@ def _commands() -> dict[str, ModuleType]:
         convert,
         demo,
         extract,
+        generate,
         inspect,
         merge,
         quantize,
@@ -34,7 +35,8 @@ def _commands() -> dict[str, ModuleType]:
         validate,
     )
 
-    mods = [demo, train, inspect, validate, merge, compose, quantize, convert, apply, extract]
+    mods = [demo, train, inspect, validate, merge, compose, quantize, convert, apply, extract,
+            generate]
     return {m.NAME: m for m in mods}
 
 

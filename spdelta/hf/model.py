@@ -35,6 +35,7 @@ from spdelta.hf.layout import CheckpointLayout
 __all__ = [
     "BaseMismatchError",
     "apply_to_model",
+    "check_base",
     "model_delta",
     "model_prefixes",
     "remove_from_model",
@@ -351,3 +352,29 @@ def remove_from_model(model: nn.Module, delta: SparseDelta, *, alpha: float = 1.
             return model
     _add(model, delta, -alpha)
     return model
+
+
+def check_base(model: nn.Module, delta: SparseDelta) -> None:
+    """Refuse ``delta`` unless it was made for ``model``: the check :func:`apply_to_model` makes.
+
+    Resolves the delta's names on ``model`` (prefixes, tied aliases), compares each
+    shape, then compares the delta's base fingerprint (when the file has one) with
+    this model's weights (spec §5.1). Nothing is modified. This is the one place other modules
+    (``spdelta.serve``) call to check a base, so that the fingerprint rule has one home.
+
+    Args:
+        model: The base model, with dense weights as they were when the delta was made.
+        delta: The delta to check.
+
+    Raises:
+        KeyMismatchError: A delta name matches no parameter.
+        ShapeError: A delta shape differs from its parameter's.
+        BaseMismatchError: The delta's fingerprint differs from this model's.
+
+    Example:
+        >>> model = torch.nn.Linear(2, 2, bias=False)
+        >>> d = SparseDelta({"weight": ((2, 2), torch.tensor([1]), torch.tensor([3.0]))})
+        >>> check_base(model, d)  # no fingerprint in d: only names and shapes are checked
+    """
+    model_delta(model, delta)  # names and shapes
+    _check_base(model, delta)
