@@ -23,6 +23,7 @@ def _commands() -> dict[str, ModuleType]:
         compose,
         convert,
         demo,
+        diff,
         extract,
         inspect,
         merge,
@@ -31,7 +32,7 @@ def _commands() -> dict[str, ModuleType]:
         validate,
     )
 
-    mods = [demo, train, inspect, validate, merge, compose, quantize, convert, apply, extract]
+    mods = [demo, train, inspect, validate, merge, compose, quantize, convert, apply, extract, diff]
     return {m.NAME: m for m in mods}
 
 

@@ -36,6 +36,7 @@ from typing import BinaryIO
 import torch
 
 from spdelta._io import atomic_write
+from spdelta._replace import ReplaceTensor
 from spdelta.delta import DeltaTensor, _combine
 from spdelta.errors import OutputExistsError, ParameterError, SpdeltaError
 from spdelta.format._container import encode_header
@@ -112,8 +113,9 @@ class DeltaReader:
             raise ParameterError(f"{self.path}: no tensor {name!r} in this delta file.")
         return self._scan.specs[name]
 
-    def read_entry(self, name: str) -> DeltaTensor | QuantizedTensor:
-        """Read and check one tensor as stored: raw values or quantized codes and scales.
+    def read_entry(self, name: str) -> DeltaTensor | QuantizedTensor | ReplaceTensor:
+        """Read and check one tensor as stored: raw values, quantized codes and scales, or
+        replacement values (format 1.3, in the base's dtype).
 
         Raises:
             FormatError: The tensor's data breaks V7-V10.
@@ -130,12 +132,18 @@ class DeltaReader:
         return entry
 
     def read(self, name: str) -> DeltaTensor:
-        """Read and check one tensor; quantized values are dequantized to float32.
+        """Read and check one additive tensor; quantized values are dequantized to float32.
 
         Raises:
             FormatError: The tensor's data breaks V7-V10.
-            ParameterError: No tensor ``name``; or the reader is closed.
+            ParameterError: No tensor ``name``; the reader is closed; or ``name`` is a
+                replacement tensor (use :meth:`read_entry`).
         """
+        if self._spec(name).value_encoding == "replace":
+            raise ParameterError(
+                f"{self.path}: {name!r} is a replacement tensor (value_encoding 'replace'), "
+                "not an additive delta; read it with read_entry, or use spdelta.patch."
+            )
         entry = self.read_entry(name)
         if isinstance(entry, QuantizedTensor):
             values = dequantize_tensor(
@@ -146,6 +154,7 @@ class DeltaReader:
                 block_size=entry.block_size,
             )
             return DeltaTensor(entry.shape, entry.indices, values)
+        assert isinstance(entry, DeltaTensor)  # replacement tensors were refused above
         return entry
 
     def close(self) -> None:
@@ -216,7 +225,7 @@ class DeltaWriter:
         """Names written so far, sorted."""
         return sorted(self._specs)
 
-    def write(self, name: str, entry: DeltaTensor | QuantizedTensor) -> None:
+    def write(self, name: str, entry: DeltaTensor | QuantizedTensor | ReplaceTensor) -> None:
         """Encode one tensor and spool its bytes; the entry is not kept.
 
         Raises:

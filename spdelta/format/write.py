@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from spdelta._io import atomic_write
+from spdelta._replace import Patch, ReplaceTensor, check_replace
 from spdelta.delta import SEPARATOR, DeltaTensor, SparseDelta, _combine, numel_of
 from spdelta.errors import DtypeError, FormatError, IndexRangeError, MetadataError
 from spdelta.format._container import encode_header
@@ -26,7 +27,9 @@ from spdelta.format.constants import (
     KEY_VERSION,
     MAJOR,
     QUANTIZED_VALUE_DTYPES,
+    REPLACE,
     SCALE_DTYPE,
+    TORCH_DTYPES,
     min_minor,
 )
 from spdelta.ops.quantize import QuantizedDelta, QuantizedTensor
@@ -132,18 +135,47 @@ def _quantized_parts(
     return parts, spec
 
 
+_STORED_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
+
+
+def _replace_parts(
+    name: str, t: ReplaceTensor, index_encoding: str
+) -> tuple[list[Part], dict[str, object]]:
+    found = check_replace(name, t.shape, t.indices, t.values)
+    if found:
+        raise _combine(found)
+    values = t.values.detach().to("cpu").contiguous()  # the bits, in the base's dtype
+    encoding = _pick_encoding(name, t.indices, numel_of(t.shape), index_encoding)
+    parts = [
+        (f"{name}{SEPARATOR}idx", INDEX_DTYPES[encoding], encode_indices(t.indices, encoding)),
+        (f"{name}{SEPARATOR}val", _STORED_NAMES[values.dtype], values),
+    ]
+    spec = {
+        "index_encoding": encoding,
+        "nnz": t.nnz,
+        "shape": list(t.shape),
+        "value_encoding": REPLACE,
+    }
+    return parts, spec
+
+
 def encode_entry(
     name: str,
-    entry: DeltaTensor | QuantizedTensor,
+    entry: DeltaTensor | QuantizedTensor | ReplaceTensor,
     *,
     index_encoding: str = "auto",
     value_dtype: torch.dtype | None = None,
 ) -> tuple[list[Part], dict[str, object]]:
     """Stored tensors ``(key, dtype name, tensor)`` and the ``spdelta.tensors`` entry of one tensor.
 
+    ``value_dtype`` casts raw (additive) values only: replacement values always keep the
+    base's dtype and bits.
+
     Raises:
         FormatError: A subclass, when the entry breaks a rule of spec §7.
     """
+    if isinstance(entry, ReplaceTensor):
+        return _replace_parts(name, entry, index_encoding)
     if isinstance(entry, QuantizedTensor):
         if value_dtype is not None:
             raise DtypeError(
@@ -155,7 +187,7 @@ def encode_entry(
 
 
 def _encode_entries(
-    delta: SparseDelta | QuantizedDelta,
+    delta: SparseDelta | QuantizedDelta | Patch,
     index_encoding: str,
     value_dtype: torch.dtype | None,
 ) -> tuple[list[Part], dict[str, dict[str, object]]]:
@@ -194,7 +226,7 @@ def sort_key(key: str, dtype: str) -> tuple[int, str]:
 
 
 def save_delta(
-    delta: SparseDelta | QuantizedDelta,
+    delta: SparseDelta | QuantizedDelta | Patch,
     path: str | os.PathLike[str],
     *,
     metadata: Mapping[str, str] | None = None,
@@ -207,19 +239,24 @@ def save_delta(
     The file is a safetensors file holding ``<name>::idx`` and ``<name>::val`` per
     tensor (and ``<name>::scale`` for a quantized one). Output is deterministic: the same
     delta and metadata give the same bytes. Stored data is ordered by item size, then
-    name, so every tensor is aligned. The file is labelled format ``1.0`` unless it holds
-    quantized values (a ``QuantizedDelta``), which need ``1.1`` (spec §8).
+    name, so every tensor is aligned. The file is labelled with the lowest version whose
+    features it uses (spec §8): ``1.0``; ``1.1`` with quantized values (a
+    ``QuantizedDelta``); ``1.3`` with replacement tensors or a result fingerprint (a
+    :class:`~spdelta.patch.Patch`).
 
     Args:
-        delta: The delta to write: a ``SparseDelta``, or a ``QuantizedDelta`` from
-            :func:`spdelta.ops.quantize` (int8 / int4 codes with per-block float32 scales).
+        delta: The delta to write: a ``SparseDelta``, a ``QuantizedDelta`` from
+            :func:`spdelta.ops.quantize` (int8 / int4 codes with per-block float32 scales),
+            or a :class:`~spdelta.patch.Patch` (replacement tensors stored in their own
+            dtype, bit for bit, and additive ones).
         path: Destination file (conventionally ``*.safetensors``).
         metadata: ``str -> str`` keys merged over ``delta.metadata``. ``spdelta.producer``
             defaults to ``"spdelta <version>"`` unless given here.
         index_encoding: ``"auto"`` (smallest of gap8/gap16/abs32/abs64 per tensor by exact
             byte count) or one of ``"gap8"``, ``"gap16"``, ``"abs32"``, ``"abs64"``.
-        value_dtype: Cast the values to this dtype (float16, bfloat16, float32, float64)
-            before writing; ``None`` keeps each tensor's dtype.
+        value_dtype: Cast the additive values to this dtype (float16, bfloat16, float32,
+            float64) before writing; ``None`` keeps each tensor's dtype. Replacement
+            values are never cast.
         overwrite: Replace an existing file; when false, raise ``OutputExistsError``.
 
     Raises:
