@@ -63,7 +63,7 @@ _DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.uint16: "U16", torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32",
     torch.uint32: "U32", torch.float32: "F32", torch.int64: "I64", torch.uint64: "U64",
     torch.float64: "F64", torch.complex64: "C64", torch.float8_e5m2: "F8_E5M2",
-    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e8m0fnu: "F8_E8M0",
 }
 _TORCH = {v: k for k, v in _DTYPE_NAMES.items()}
 

@@ -94,7 +94,14 @@ def lossy_entry(base: Source, tuned: Source, name: str, *, density: float | None
         return None
     diff = _diff(base.read(name), tuned.read(name))
     keep = k if k is not None else math.floor(density * st.numel + 0.5)  # type: ignore[operator]
-    return _nonzero_entry(st.shape, diff, topk_indices(diff.abs(), min(keep, st.numel)))
+    entry = _nonzero_entry(st.shape, diff, topk_indices(diff.abs(), min(keep, st.numel)))
+    bad = int((~torch.isfinite(entry.values)).sum())
+    if bad:
+        raise ParameterError(
+            f"{name!r}: tuned - base is NaN or infinite at {bad} kept entries (NaN or inf "
+            "weights); an additive delta cannot hold them. Use the exact diff (no --density or "
+            "--topk), which copies any value.")
+    return entry
 
 
 def _provenance(base: Source, tuned: Source, fps: tuple[str, str], parameters: dict[str, Any],
