@@ -22,6 +22,7 @@ from collections.abc import Iterator, Mapping
 from types import MappingProxyType
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -36,7 +37,15 @@ from spdelta.errors import (
 )
 from spdelta.types import Shape
 
-__all__ = ["Entry", "Patch", "ReplaceTensor", "bit_view", "check_replace", "storable"]
+__all__ = [
+    "Entry",
+    "Patch",
+    "ReplaceTensor",
+    "bit_view",
+    "changed_positions",
+    "check_replace",
+    "storable",
+]
 
 #: Item size in bytes -> the integer dtype :func:`bit_view` uses.
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -113,6 +122,28 @@ def bit_view(t: Tensor) -> Tensor:
         raise DtypeError(f"a replacement tensor cannot hold dtype {t.dtype} (spec §7 V6); "
                          "it stores dtypes of whole bytes that safetensors knows.")
     return t.view(_BITS[t.element_size()])
+
+
+def changed_positions(old: Tensor, new: Tensor) -> Tensor:
+    """Sorted flat positions (int64) where the bits of two 1-D tensors of one dtype differ.
+
+    Args:
+        old: 1-D contiguous tensor of a storable dtype, any device.
+        new: Same shape, dtype and device.
+
+    Returns:
+        1-D int64 positions on the tensors' device.
+
+    Example:
+        >>> a = torch.zeros(6, dtype=torch.bfloat16)
+        >>> b = torch.tensor([0, 0, 0, -0.0, 0, 1], dtype=torch.bfloat16)
+        >>> changed_positions(a, b).tolist()
+        [3, 5]
+    """
+    a, b = bit_view(old), bit_view(new)
+    if a.device.type == "cpu":  # NumPy's compare + flatnonzero: about 3x torch's nonzero
+        return torch.from_numpy(np.flatnonzero(a.numpy() != b.numpy()))
+    return (a != b).nonzero().reshape(-1)
 
 
 def check_replace(name: str, shape: Shape, indices: Tensor, values: Tensor) -> list[FormatError]:

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from spdelta.format.constants import INDEX_DTYPES, TORCH_DTYPES
 
-__all__ = ["choose_encoding", "decode_indices", "encode_indices", "encoded_nbytes"]
+__all__ = ["choose_encoding", "decode_indices", "encode_auto", "encode_indices", "encoded_nbytes"]
 
 _GAP_MAX = {"gap8": 2**8 - 1, "gap16": 2**16 - 1}
 _ABS_LIMIT = {"abs32": 2**31, "abs64": 2**63}
@@ -21,7 +21,18 @@ _ABS_LIMIT = {"abs32": 2**31, "abs64": 2**63}
 def _gaps(indices: Tensor) -> Tensor:
     """Distances between consecutive indices, the first from ``-1`` (int64, >= 1 when sorted)."""
     idx = indices.long()
-    return torch.diff(idx, prepend=idx.new_full((1,), -1)) if idx.numel() else idx
+    if not idx.numel():
+        return idx
+    out = torch.empty_like(idx)  # one subtraction pass (torch.diff with prepend makes 3)
+    out[:1] = idx[:1] + 1
+    torch.sub(idx[1:], idx[:-1], out=out[1:])
+    return out
+
+
+def _escapes(gaps: Tensor, m: int) -> int:
+    """Escape codes a gap stream with maximum code ``m`` needs: ``sum((g - 1) div m)``."""
+    big = gaps[gaps > m]  # usually few: divide only those
+    return int(((big - 1) // m).sum()) if big.numel() else 0
 
 
 def encoded_nbytes(indices: Tensor, numel: int, encoding: str) -> int | None:
@@ -45,8 +56,7 @@ def encoded_nbytes(indices: Tensor, numel: int, encoding: str) -> int | None:
         if numel > _ABS_LIMIT[encoding]:
             return None
         return indices.numel() * (4 if encoding == "abs32" else 8)
-    m = _GAP_MAX[encoding]
-    escapes = int(((_gaps(indices) - 1) // m).sum()) if indices.numel() else 0
+    escapes = _escapes(_gaps(indices), _GAP_MAX[encoding])
     return (indices.numel() + escapes) * (1 if encoding == "gap8" else 2)
 
 
@@ -69,15 +79,37 @@ def choose_encoding(indices: Tensor, numel: int) -> str:
         >>> choose_encoding(torch.tensor([2**40 - 1]), 2**40)
         'abs64'
     """
+    return _choose(_gaps(indices), numel)
+
+
+def _choose(gaps: Tensor, numel: int) -> str:
+    """:func:`choose_encoding` from the gaps of the indices."""
     candidates = ("gap8", "gap16", "abs32" if numel <= _ABS_LIMIT["abs32"] else "abs64")
-    n = indices.numel()
-    gaps = _gaps(indices) - 1 if n else indices.long()  # computed once for both gap sizes
+    n = gaps.numel()
+    big = gaps[gaps > _GAP_MAX["gap8"]]  # only gaps above 255 need escapes
     sizes = [
-        (n + int((gaps // _GAP_MAX["gap8"]).sum())) * 1,
-        (n + int((gaps // _GAP_MAX["gap16"]).sum())) * 2,
+        (n + _escapes(big, _GAP_MAX["gap8"])) * 1,
+        (n + _escapes(big, _GAP_MAX["gap16"])) * 2,
         n * (4 if candidates[2] == "abs32" else 8),
     ]
     return min(zip(sizes, range(3), candidates, strict=True))[2]
+
+
+def encode_auto(indices: Tensor, numel: int) -> tuple[str, Tensor]:
+    """:func:`choose_encoding` and :func:`encode_indices` in one pass over the gaps.
+
+    Example:
+        >>> import torch
+        >>> enc, codes = encode_auto(torch.tensor([0, 2, 300]), 400)
+        >>> enc, codes.tolist()
+        ('gap8', [1, 2, 0, 43])
+    """
+    idx = indices.detach().to("cpu", torch.int64)
+    gaps = _gaps(idx)
+    encoding = _choose(gaps, numel)
+    if encoding in _ABS_LIMIT:
+        return encoding, idx.to(TORCH_DTYPES[INDEX_DTYPES[encoding]])
+    return encoding, _gap_codes(gaps, encoding)
 
 
 def encode_indices(indices: Tensor, encoding: str) -> Tensor:
@@ -95,18 +127,21 @@ def encode_indices(indices: Tensor, encoding: str) -> Tensor:
         >>> encode_indices(torch.tensor([0, 2, 300]), "gap8").tolist()
         [1, 2, 0, 43]
     """
-    dtype = TORCH_DTYPES[INDEX_DTYPES[encoding]]
     idx = indices.detach().to("cpu", torch.int64)
     if encoding in _ABS_LIMIT:
-        return idx.to(dtype)
+        return idx.to(TORCH_DTYPES[INDEX_DTYPES[encoding]])
+    return _gap_codes(_gaps(idx), encoding)
+
+
+def _gap_codes(gaps: Tensor, encoding: str) -> Tensor:
+    """The code stream of a gap encoding from the gaps (>= 1) of sorted indices."""
+    dtype = TORCH_DTYPES[INDEX_DTYPES[encoding]]
     m = _GAP_MAX[encoding]
-    gaps = _gaps(idx)
-    if not idx.numel() or int(gaps.max()) <= m:  # no escapes: the codes are the gaps
+    if not gaps.numel() or int(gaps.max()) <= m:  # no escapes: the codes are the gaps
         return gaps.to(dtype)
     escapes = (gaps - 1) // m  # (nnz,) escape codes written before each entry
     slots = torch.cumsum(escapes + 1, 0) - 1  # position of each entry's non-zero code
-    length = int(slots[-1]) + 1 if idx.numel() else 0
-    codes = torch.zeros(length, dtype=torch.int32)  # uint16 has no index_put on CPU
+    codes = torch.zeros(int(slots[-1]) + 1, dtype=torch.int32)  # uint16: no index_put on CPU
     codes[slots] = (gaps - m * escapes).to(torch.int32)
     return codes.to(dtype)
 

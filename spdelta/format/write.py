@@ -10,13 +10,13 @@ import torch
 from torch import Tensor
 
 from spdelta._io import atomic_write
-from spdelta._replace import Patch, ReplaceTensor, check_replace
+from spdelta._replace import Patch, ReplaceTensor, storable
 from spdelta.delta import SEPARATOR, DeltaTensor, SparseDelta, _combine, numel_of
 from spdelta.errors import DtypeError, FormatError, IndexRangeError, MetadataError
 from spdelta.format._container import encode_header
 from spdelta.format._fastcheck import entry_problems
 from spdelta.format._metadata import check_reserved
-from spdelta.format.codec import choose_encoding, encode_indices
+from spdelta.format.codec import encode_auto, encode_indices
 from spdelta.format.constants import (
     DTYPE_BITS,
     ENCODINGS,
@@ -71,9 +71,10 @@ def merged_metadata(base: Mapping[str, str], extra: Mapping[str, str] | None) ->
     return meta
 
 
-def _pick_encoding(name: str, indices: Tensor, numel: int, requested: str) -> str:
+def _encode(name: str, indices: Tensor, numel: int, requested: str) -> tuple[str, Tensor]:
+    """The index encoding (``auto``: the smallest) and the ``::idx`` codes."""
     if requested == "auto":
-        return choose_encoding(indices, numel)
+        return encode_auto(indices, numel)
     if requested not in ENCODINGS:
         raise MetadataError(
             f"save_delta: index_encoding must be 'auto' or one of {list(ENCODINGS)} "
@@ -84,7 +85,7 @@ def _pick_encoding(name: str, indices: Tensor, numel: int, requested: str) -> st
             f"{name!r}: abs32 indices cannot address {numel} elements "
             "(spec §7 V8); use index_encoding='abs64' or 'auto'."
         )
-    return requested
+    return requested, encode_indices(indices, requested)
 
 
 def _raw_parts(
@@ -99,8 +100,7 @@ def _raw_parts(
     found = entry_problems(name, e.shape, e.indices, values)
     if found:
         raise _combine(found)
-    encoding = _pick_encoding(name, e.indices, e.numel, index_encoding)
-    codes = encode_indices(e.indices, encoding)
+    encoding, codes = _encode(name, e.indices, e.numel, index_encoding)
     parts = [
         (f"{name}{SEPARATOR}idx", INDEX_DTYPES[encoding], codes),
         (f"{name}{SEPARATOR}val", _VALUE_NAMES[values.dtype], values),
@@ -118,10 +118,10 @@ def _quantized_parts(
     name: str, t: QuantizedTensor, index_encoding: str
 ) -> tuple[list[Part], dict[str, object]]:
     QuantizedDelta({name: t})  # full layout check of the tensor (raises a FormatError)
-    encoding = _pick_encoding(name, t.indices, numel_of(t.shape), index_encoding)
+    encoding, codes = _encode(name, t.indices, numel_of(t.shape), index_encoding)
     value_encoding = "int8" if t.bits == 8 else "int4"
     parts = [
-        (f"{name}{SEPARATOR}idx", INDEX_DTYPES[encoding], encode_indices(t.indices, encoding)),
+        (f"{name}{SEPARATOR}idx", INDEX_DTYPES[encoding], codes),
         (f"{name}{SEPARATOR}val", QUANTIZED_VALUE_DTYPES[value_encoding], t.codes.cpu()),
         (f"{name}{SEPARATOR}scale", SCALE_DTYPE, t.scales.detach().cpu().contiguous()),
     ]
@@ -141,13 +141,17 @@ _STORED_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
 def _replace_parts(
     name: str, t: ReplaceTensor, index_encoding: str
 ) -> tuple[list[Part], dict[str, object]]:
-    found = check_replace(name, t.shape, t.indices, t.values)
+    if not storable(t.values.dtype):
+        raise DtypeError(f"{name!r}: replacement values must have a dtype of whole bytes that "
+                         f"safetensors stores (spec §7 V6); found {t.values.dtype}.")
+    stand_in = torch.zeros(t.values.shape)  # the index rules V5-V9; any value bits are allowed
+    found = entry_problems(name, t.shape, t.indices, stand_in)
     if found:
         raise _combine(found)
     values = t.values.detach().to("cpu").contiguous()  # the bits, in the base's dtype
-    encoding = _pick_encoding(name, t.indices, numel_of(t.shape), index_encoding)
+    encoding, codes = _encode(name, t.indices, numel_of(t.shape), index_encoding)
     parts = [
-        (f"{name}{SEPARATOR}idx", INDEX_DTYPES[encoding], encode_indices(t.indices, encoding)),
+        (f"{name}{SEPARATOR}idx", INDEX_DTYPES[encoding], codes),
         (f"{name}{SEPARATOR}val", _STORED_NAMES[values.dtype], values),
     ]
     spec = {

@@ -1,8 +1,9 @@
 """``apply_patch``: a patched copy of a checkpoint on disk, bit-exact, one tensor at a time.
 
 Each output shard keeps its base shard's header bytes (names, dtypes, shapes, offsets and
-metadata): the bytes of a tensor without an entry are copied by the kernel
-(``copy_file_range``), and a patched tensor is read, patched in memory and written. The
+metadata). Every tensor's bytes are copied by the kernel (``copy_file_range``: no copy
+through user space), and a patched tensor is then patched in place through a memory map
+of just that tensor: its changed entries are written, nothing else is touched. The
 output is built in a temp location beside its destination and renamed into place only
 when every check passed: the base fingerprint before anything is written, and the
 result's fingerprint (spec §5.1, computed from the patched tensors) against the patch's
@@ -12,7 +13,9 @@ result's fingerprint (spec §5.1, computed from the patched tensors) against the
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -20,9 +23,15 @@ from typing import Any, BinaryIO
 import torch
 from tqdm.auto import tqdm
 
-from spdelta._io import atomic_write
+from spdelta._io import _publish
 from spdelta._replace import Entry, Patch, ReplaceTensor
-from spdelta.errors import BaseMismatchError, KeyMismatchError, ShapeError, format_names
+from spdelta.errors import (
+    BaseMismatchError,
+    KeyMismatchError,
+    OutputExistsError,
+    ShapeError,
+    format_names,
+)
 from spdelta.format import DeltaReader
 from spdelta.format.constants import KEY_FINGERPRINT, KEY_RESULT_FINGERPRINT, TORCH_DTYPES
 from spdelta.format.fingerprint import check_fingerprint, combine_records, tensor_record
@@ -110,48 +119,82 @@ def _put(fd: int, data: memoryview) -> None:
 
 def _write_shard(src: Source, shard: str, out: BinaryIO, patch: _PatchInput,
                  records: dict[str, bytes], bar: Any) -> int:
-    """Write one shard: its header as is, then each tensor copied or patched; nnz applied."""
+    """Write one shard (``out``: raw, read-write, empty): its header as is, then each
+    tensor's bytes copied by the kernel and, for a patched tensor, patched in place
+    through a memory map of just that tensor. Returns the entries applied."""
     header = src.headers[shard]
     head = torch.empty(header.data_start, dtype=torch.uint8)
     src.read_bytes(shard, 0, head)
-    out.flush()  # from here on every write goes to the file descriptor itself
     _put(out.fileno(), head.numpy().data)
     names = set(patch.names)
     nnz = 0
     for name in sorted((n for n, t in src.tensors.items() if t.shard == shard),
                        key=lambda n: src.tensors[n].begin):
         st = src.tensors[name]
-        if name not in names:
-            _copy_range(src.file(shard), out, st.begin, st.nbytes)
-        else:
-            t = src.read(name)
+        _copy_range(src.file(shard), out, st.begin, st.nbytes)
+        if name in names:
             e = patch.entry(name)
-            _write(t, e)
+            with _mapped(out, st.begin, st.nbytes) as raw:
+                t = raw.view(TORCH_DTYPES[st.dtype])
+                _write(t, e)
+                records[name] = tensor_record(name, t.view(st.shape))
+                del t, raw
             nnz += e.nnz
-            records[name] = tensor_record(name, t.view(st.shape))
-            _put(out.fileno(), t.view(torch.uint8).numpy().data)
         bar.update(1)
     return nnz
 
 
-Opener = Callable[[str], contextlib.AbstractContextManager[BinaryIO]]
+@contextlib.contextmanager
+def _mapped(f: BinaryIO, offset: int, nbytes: int) -> Iterator[torch.Tensor]:
+    """Bytes ``offset`` to ``offset + nbytes`` of the file ``f`` as a writable uint8 tensor
+    (a shared memory map: writes go to the file). Valid inside the block only."""
+    if nbytes == 0:
+        yield torch.empty(0, dtype=torch.uint8)
+        return
+    lead = offset % mmap.ALLOCATIONGRANULARITY
+    mm = mmap.mmap(f.fileno(), lead + nbytes, offset=offset - lead, access=mmap.ACCESS_WRITE)
+    try:
+        yield torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=lead)
+    finally:
+        mm.close()
+
+
+Opener = Callable[[str], BinaryIO]
 
 
 @contextlib.contextmanager
 def _destination(src: Source, output: Path, overwrite: bool) -> Iterator[Opener]:
-    """Opens each output shard in a temp location; published at ``output`` on success only."""
+    """Opens each output shard (read-write) in a temp location; published on success only."""
     if src.is_dir:
         with _atomic_dir(output, overwrite) as tmp:
 
-            def opener(shard: str) -> contextlib.AbstractContextManager[BinaryIO]:
+            def opener(shard: str) -> BinaryIO:
                 (tmp / shard).parent.mkdir(parents=True, exist_ok=True)
-                return open(tmp / shard, "wb", buffering=0)
+                return open(tmp / shard, "x+b", buffering=0)
 
             yield opener
             _copy_other_files(src.root, tmp, set(src.headers))
-    else:
-        with atomic_write(output, overwrite=overwrite) as f:
-            yield lambda shard: contextlib.nullcontext(f)
+        return
+    if not overwrite and os.path.lexists(output):
+        raise OutputExistsError(f"{str(output)!r} already exists; pass --force to replace it.")
+    fd, temp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
+    os.close(fd)
+    try:
+        yield lambda shard: open(temp, "r+b", buffering=0)
+        with open(temp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(temp, 0o666 & ~_umask())
+        _publish(temp, os.fspath(output), overwrite)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def apply_patch(

@@ -8,10 +8,11 @@ import os
 import re
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from spdelta._replace import ReplaceTensor, bit_view
+from spdelta._replace import ReplaceTensor
 from spdelta.delta import DeltaTensor, topk_indices
 from spdelta.errors import KeyMismatchError, ParameterError, ShapeError, format_names
 from spdelta.format import DeltaWriter
@@ -25,10 +26,10 @@ from spdelta.hf.checkpoint import CheckpointError
 from spdelta.hf.extract import _diff, _nonzero_entry
 from spdelta.patch._source import Source
 
-__all__ = ["CHUNK", "diff_checkpoints"]
+__all__ = ["CHUNK_BYTES", "diff_checkpoints"]
 
-#: Elements compared at a time: bounds the temporaries of a diff (32 MiB of bf16 a side).
-CHUNK = 1 << 24
+#: Bytes compared at a time per side: bounds a diff's temporaries (32 MiB = 16 Mi bf16).
+CHUNK_BYTES = 32 << 20
 
 
 def check_pair(base: Source, tuned: Source) -> None:
@@ -53,8 +54,17 @@ def check_pair(base: Source, tuned: Source) -> None:
                          + ". A patch keeps each tensor's dtype and shape; save both in one dtype.")
 
 
-def exact_entry(base: Source, tuned: Source, name: str, chunk: int = CHUNK) -> ReplaceTensor:
-    """Every element of tensor ``name`` whose bits differ, compared ``chunk`` elements at a time.
+def exact_entry(base: Source, tuned: Source, name: str, *,
+                chunk_bytes: int = CHUNK_BYTES) -> ReplaceTensor:
+    """Every element of tensor ``name`` whose bits differ, compared a chunk at a time.
+
+    Both sides are seen through memory maps of one chunk each (no copy); only the changed
+    positions and their new values are kept.
+
+    Args:
+        base, tuned: The two checkpoints (``check_pair`` passed).
+        name: The tensor.
+        chunk_bytes: Bytes compared at a time per side (whole elements, at least one).
 
     Raises:
         CheckpointError: The tensor has a sub-byte dtype and its bytes differ.
@@ -68,22 +78,20 @@ def exact_entry(base: Source, tuned: Source, name: str, chunk: int = CHUNK) -> R
             raise CheckpointError(f"{name!r} ({st.dtype}) changed, but a patch holds dtypes of "
                                   "whole bytes only.")
         return ReplaceTensor(st.shape, torch.zeros(0, dtype=torch.long), torch.zeros(0))
-    idx, vals = [], []
-    for start in range(0, st.numel, chunk):
-        n = min(chunk, st.numel - start)
-        old, new = bit_view(base.read(name, start, n)), bit_view(tuned.read(name, start, n))
-        where = (old != new).nonzero().reshape(-1)
-        if where.numel():
-            vals.append(new[where])
-            idx.append(where.add_(start))
-        del old, new
     dtype = TORCH_DTYPES[st.dtype]
-    if not idx:
-        empty = torch.zeros(0, dtype=torch.long)
-        return ReplaceTensor(st.shape, empty, torch.zeros(0, dtype=dtype))
-    i = idx[0] if len(idx) == 1 else torch.cat(idx)
-    v = vals[0] if len(vals) == 1 else torch.cat(vals)
-    return ReplaceTensor(st.shape, i, v.view(dtype))
+    step = max(1, chunk_bytes // dtype.itemsize)
+    idx, vals = [], []
+    for start in range(0, st.numel, step):
+        n = min(step, st.numel - start)
+        with base.window(name, start, n) as old, tuned.window(name, start, n) as new:
+            where = np.flatnonzero(old != new)  # the bits differ
+            vals.append(new[where])  # copies: the windows are unmapped next
+            del old, new
+        where += start
+        idx.append(where)
+    i = np.concatenate(idx) if len(idx) != 1 else idx[0]
+    v = np.concatenate(vals) if len(vals) != 1 else vals[0]
+    return ReplaceTensor(st.shape, torch.from_numpy(i), torch.from_numpy(v).view(dtype))
 
 
 def lossy_entry(base: Source, tuned: Source, name: str, *, density: float | None,
@@ -151,7 +159,7 @@ def diff_checkpoints(
     tensor (format 1.3) in the base's dtype, so applying the patch to ``base`` gives
     ``tuned`` bit for bit. The file records both fingerprints (spec §5.1):
     ``spdelta.base_model.fingerprint`` of ``base`` and ``spdelta.result.fingerprint`` of
-    ``tuned``. Tensors are compared :data:`CHUNK` elements at a time, one tensor after
+    ``tuned``. Tensors are compared :data:`CHUNK_BYTES` at a time, one tensor after
     another: memory is bounded by one tensor's entries, never by the model.
 
     With ``density`` or ``k`` the diff is today's lossy ``extract`` instead: per floating

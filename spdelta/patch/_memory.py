@@ -8,7 +8,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
-from spdelta._replace import Entry, Patch, ReplaceTensor, bit_view, storable
+from spdelta._replace import Entry, Patch, ReplaceTensor, bit_view, changed_positions, storable
 from spdelta.errors import BaseMismatchError, KeyMismatchError, ShapeError, format_names
 from spdelta.format._chain import chain_keys, is_chain
 from spdelta.format.constants import KEY_FINGERPRINT, KEY_RESULT_FINGERPRINT
@@ -62,9 +62,9 @@ def diff_tensor(name: str, old: Tensor, new: Tensor) -> ReplaceTensor:
         ([0, 2], [-0.0, 3.0])
     """
     _same_layout(name, old, new)
-    a, b = bit_view(old.detach()).reshape(-1), bit_view(new.detach()).reshape(-1)
-    idx = (a != b).nonzero().reshape(-1)
-    return ReplaceTensor(tuple(new.shape), idx, b[idx].view(new.dtype))
+    a, b = old.detach().reshape(-1), new.detach().reshape(-1)
+    idx = changed_positions(a, b)
+    return ReplaceTensor(tuple(new.shape), idx, b[idx])
 
 
 def _same_names(old: Mapping[str, Tensor], new: Mapping[str, Tensor]) -> None:

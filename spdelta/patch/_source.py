@@ -1,19 +1,24 @@
 """A safetensors checkpoint read one tensor (or one slice) at a time, without a memory map.
 
 Headers are parsed and checked by spdelta's own parser (no size is trusted before it is
-checked against the file), and tensor bytes are read with ``preadv`` into buffers of
-their own: memory holds what is being processed, never a mapped shard, so the resident
-size of a tool stays bounded by the largest tensor it holds, whatever the checkpoint.
+checked against the file). Tensor bytes are read with ``preadv`` into buffers of their
+own, or seen through a memory map of one window (:meth:`Source.window`) that is unmapped
+before the next: a tool never maps a whole shard, so its resident size stays bounded by
+the largest tensor (or window) it holds, whatever the checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -100,8 +105,16 @@ class Source:
         """Tensor names shard by shard, each shard's in data order (sequential reads)."""
         return sorted(self.tensors, key=lambda n: (self.tensors[n].shard, self.tensors[n].begin))
 
-    def read(self, name: str, start: int = 0, count: int | None = None) -> Tensor:
+    def read(self, name: str, start: int = 0, count: int | None = None, *,
+             out: Tensor | None = None) -> Tensor:
         """Elements ``start`` to ``start + count`` of tensor ``name``, flat, in its dtype.
+
+        Args:
+            name: The tensor.
+            start: First element.
+            count: Elements to read (default: to the end).
+            out: A 1-D uint8 buffer of at least that many bytes, reused across calls (a
+                fresh buffer costs a page fault per 4 KiB); the result is a view of it.
 
         Raises:
             CheckpointError: The dtype has less than a byte per element, or the file is
@@ -114,9 +127,30 @@ class Source:
         dtype = TORCH_DTYPES[t.dtype]
         count = t.numel - start if count is None else count
         size = dtype.itemsize
-        buf = torch.empty(count * size, dtype=torch.uint8)
+        buf = torch.empty(count * size, dtype=torch.uint8) if out is None else out[: count * size]
         self.read_bytes(t.shard, t.begin + start * size, buf)
         return buf.view(dtype)
+
+    @contextlib.contextmanager
+    def window(self, name: str, start: int, count: int) -> Iterator[np.ndarray]:
+        """Elements ``start`` to ``start + count`` of ``name`` as a read-only NumPy array of
+        unsigned integers of the element's size (its bits), mapped from the file, no copy.
+
+        The array is valid inside the ``with`` block only: copy what must outlive it.
+        """
+        t = self.tensors[name]
+        size = TORCH_DTYPES[t.dtype].itemsize
+        offset, length = t.begin + start * size, count * size
+        if length == 0:
+            yield np.zeros(0, dtype=f"<u{size}")
+            return
+        lead = offset % mmap.ALLOCATIONGRANULARITY
+        mm = mmap.mmap(self._files[t.shard].fileno(), lead + length, offset=offset - lead,
+                       access=mmap.ACCESS_READ)
+        try:
+            yield np.frombuffer(mm, dtype=f"<u{size}", count=count, offset=lead)
+        finally:
+            mm.close()  # BufferError if the caller kept a view: copy instead
 
     def read_bytes(self, shard: str, offset: int, buf: Tensor) -> None:
         """Fill the uint8 tensor ``buf`` from ``shard`` at byte ``offset``."""
