@@ -23,7 +23,7 @@ from spdelta.errors import (
     TensorSetError,
 )
 from spdelta.format._container import Header, parse_header, read_tensor
-from spdelta.format._fastcheck import entry_problems
+from spdelta.format._fastcheck import entry_problems, index_problems
 from spdelta.format._metadata import Found, TensorSpec, check_metadata
 from spdelta.format.codec import decode_indices
 from spdelta.format.constants import (
@@ -237,10 +237,12 @@ def read_entry(
     found = _gap_checks(name, spec, codes, indices.numel()) if gap else []
     if found:
         return None, found
-    exempt = scales is not None or spec.value_encoding == REPLACE  # V10 is for raw values
-    check_values = torch.zeros(spec.nnz) if exempt else values
-    # gap streams decode strictly increasing: only the range needs checking
-    found = entry_problems(name, spec.shape, indices, check_values, increasing=gap)
+    # gap streams decode strictly increasing: only the range needs checking; V10 concerns
+    # raw values only (quantized codes are checked below, replacement values are any bits)
+    if scales is not None or spec.value_encoding == REPLACE:
+        found = index_problems(name, spec.shape, indices, increasing=gap)
+    else:
+        found = entry_problems(name, spec.shape, indices, values, increasing=gap)
     if scales is not None:
         found += _code_checks(name, spec, values, scales)
     if found:

@@ -10,11 +10,11 @@ import torch
 from torch import Tensor
 
 from spdelta._io import atomic_write
-from spdelta._replace import Patch, ReplaceTensor, storable
+from spdelta._replace import Patch, ReplaceTensor, check_replace, storable
 from spdelta.delta import SEPARATOR, DeltaTensor, SparseDelta, _combine, numel_of
 from spdelta.errors import DtypeError, FormatError, IndexRangeError, MetadataError
 from spdelta.format._container import encode_header
-from spdelta.format._fastcheck import entry_problems
+from spdelta.format._fastcheck import entry_problems, index_problems
 from spdelta.format._metadata import check_reserved
 from spdelta.format.codec import encode_auto, encode_indices
 from spdelta.format.constants import (
@@ -141,11 +141,9 @@ _STORED_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
 def _replace_parts(
     name: str, t: ReplaceTensor, index_encoding: str
 ) -> tuple[list[Part], dict[str, object]]:
-    if not storable(t.values.dtype):
-        raise DtypeError(f"{name!r}: replacement values must have a dtype of whole bytes that "
-                         f"safetensors stores (spec §7 V6); found {t.values.dtype}.")
-    stand_in = torch.zeros(t.values.shape)  # the index rules V5-V9; any value bits are allowed
-    found = entry_problems(name, t.shape, t.indices, stand_in)
+    found = [] if storable(t.values.dtype) and t.values.shape == t.indices.shape else (
+        check_replace(name, t.shape, t.indices, t.values))
+    found = found or index_problems(name, t.shape, t.indices)
     if found:
         raise _combine(found)
     values = t.values.detach().to("cpu").contiguous()  # the bits, in the base's dtype
