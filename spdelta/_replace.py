@@ -18,7 +18,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from types import MappingProxyType
 from typing import NamedTuple
 
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from spdelta.delta import DeltaTensor, _combine, check_entry, numel_of
+from spdelta.delta import DeltaTensor, EntryMap, _combine, check_entry, numel_of
 from spdelta.errors import (
     DtypeError,
     FormatError,
@@ -179,7 +179,7 @@ def _check(name: str, e: Entry) -> list[SpdeltaError]:
     return problems
 
 
-class Patch:
+class Patch(EntryMap[Entry]):
     """An immutable map from tensor name to an additive or replacing entry, with metadata.
 
     What a format 1.3 file holds: ``ReplaceTensor`` entries (``replace``: values copied
@@ -200,7 +200,7 @@ class Patch:
         (1, torch.int64, ['w'])
     """
 
-    __slots__ = ("_tensors", "_metadata")
+    __slots__ = ()
     __hash__ = None  # type: ignore[assignment]
 
     def __init__(self, tensors: Mapping[str, Entry], *,
@@ -228,31 +228,6 @@ class Patch:
         self._tensors = MappingProxyType(dict(sorted(entries.items())))
         self._metadata = MappingProxyType(dict(metadata))
         return self
-
-    def __getitem__(self, name: str) -> Entry:
-        return self._tensors[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._tensors)
-
-    def __len__(self) -> int:
-        return len(self._tensors)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._tensors
-
-    def keys(self) -> list[str]:
-        """Tensor names, sorted."""
-        return list(self._tensors)
-
-    def items(self) -> list[tuple[str, Entry]]:
-        """``(name, entry)`` pairs, sorted by name."""
-        return list(self._tensors.items())
-
-    @property
-    def metadata(self) -> dict[str, str]:
-        """A copy of the ``str -> str`` metadata."""
-        return dict(self._metadata)
 
     @property
     def replaced(self) -> list[str]:

@@ -11,7 +11,13 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from spdelta.cli import main
-from spdelta.errors import CompositionError, KeyMismatchError, MetadataError, ParameterError
+from spdelta.errors import (
+    BaseMismatchError,
+    CompositionError,
+    KeyMismatchError,
+    MetadataError,
+    ParameterError,
+)
 from spdelta.format import (
     DeltaReader,
     compose_files,
@@ -272,3 +278,24 @@ def test_a_reader_of_format_1_2_refuses_a_patch(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(_metadata, "MINOR", 2)
     with pytest.raises(MetadataError, match="found 'replace'"):
         load_delta(tmp_path / "p.st")
+
+
+def test_refusals_leave_no_file(tmp_path: Path) -> None:
+    """Wrong base, or a result that is not the patch's: no output and no temp file."""
+    files = []
+    for i in range(3):
+        files.append(tmp_path / f"c{i}.safetensors")
+        save_file(step(i), str(files[-1]))
+    diff_checkpoints(files[1], files[2], tmp_path / "p12.st")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(BaseMismatchError, match="wrong base"):
+        apply_patch(files[0], tmp_path / "p12.st", tmp_path / "out.safetensors")
+    patch = load_patch(tmp_path / "p12.st")
+    lying = patch.with_metadata({**patch.metadata, KEY_RESULT_FINGERPRINT: "base1:" + "0" * 32})
+    with pytest.raises(BaseMismatchError, match="not the patch's result"):
+        apply_patch(files[1], lying, tmp_path / "out.safetensors")
+    with pytest.raises(BaseMismatchError, match="not the patch's result"):
+        apply_patch(tmp_path / "c1.safetensors", lying, tmp_path / "dir-out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    apply_patch(files[1], lying, tmp_path / "out.safetensors", check_base=False)  # unchecked
+    assert_bitwise(load_file(tmp_path / "out.safetensors"), load_file(files[2]))

@@ -49,9 +49,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from merge import HIDDEN, INTER, LAYERS, VOCAB, llama_shapes  # tools/bench/merge.py
 from safetensors.torch import save_file
 
-HIDDEN, INTER, VOCAB, LAYERS = 4096, 11008, 32000, 32
 INT32_BF16 = 6  # bytes per entry of the (int32 flat index, bf16 value) layout
 BYTES_TARGET, RATIO_TARGET, RSS_TARGET = 0.6, 0.5, 1.5e9
 
@@ -81,26 +81,6 @@ _CHILD = {
     "apply": "from spdelta.cli.main import main\n"
     "assert main(['apply', '--base', A, '--delta', D, '-o', C, '--force']) == 0",
 }
-
-
-def llama_shapes(layers: int, hidden: int = HIDDEN, inter: int = INTER,
-                 vocab: int = VOCAB) -> dict[str, tuple[int, ...]]:
-    """Llama-2-7B tensor names and shapes (defaults), with ``layers`` decoder layers."""
-    shapes: dict[str, tuple[int, ...]] = {
-        "model.embed_tokens.weight": (vocab, hidden),
-        "lm_head.weight": (vocab, hidden),
-        "model.norm.weight": (hidden,),
-    }
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        for m in ("q", "k", "v", "o"):
-            shapes[f"{p}self_attn.{m}_proj.weight"] = (hidden, hidden)
-        shapes[f"{p}mlp.gate_proj.weight"] = (inter, hidden)
-        shapes[f"{p}mlp.up_proj.weight"] = (inter, hidden)
-        shapes[f"{p}mlp.down_proj.weight"] = (hidden, inter)
-        shapes[f"{p}input_layernorm.weight"] = (hidden,)
-        shapes[f"{p}post_attention_layernorm.weight"] = (hidden,)
-    return shapes
 
 
 def _tensor(name: str, shape: tuple[int, ...], seed: int, fraction: float) -> torch.Tensor:
@@ -159,7 +139,7 @@ def _clear(*paths: Path) -> None:
 
 def synthetic(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Part (b): diff and apply of a 7B-shaped pair vs plain read + write, per fraction."""
-    shapes = llama_shapes(args.layers, args.hidden, args.intermediate, args.vocab)
+    shapes = llama_shapes(args.layers / LAYERS, args.hidden, args.intermediate, args.vocab)
     base = work / "base"
     t0 = time.perf_counter()
     nbytes = write_checkpoint(base, shapes, 0.0, args.shard_gb * 1e9)
