@@ -31,6 +31,7 @@ from spdelta.errors import (
     DtypeError,
     FormatError,
     MetadataError,
+    ParameterError,
     ShapeError,
     SpdeltaError,
     TensorSetError,
@@ -44,6 +45,7 @@ __all__ = [
     "bit_view",
     "changed_positions",
     "check_replace",
+    "refuse_patch",
     "storable",
 ]
 
@@ -263,3 +265,16 @@ class Patch(EntryMap[Entry]):
     def __repr__(self) -> str:
         return f"Patch({len(self)} tensors, {len(self.replaced)} replaced, nnz={self.nnz})"
 
+
+def refuse_patch(delta: object, where: str, use: str) -> None:
+    """Raise ``ParameterError`` when an additive-only tool is given a :class:`Patch`.
+
+    Example:
+        >>> refuse_patch(Patch({}), "apply_to_model", "spdelta.patch.apply_")
+        Traceback (most recent call last):
+        ...
+        spdelta.errors.ParameterError: apply_to_model adds a SparseDelta; ...
+    """
+    if isinstance(delta, Patch):
+        raise ParameterError(f"{where} adds a SparseDelta; a Patch (replacement tensors, format "
+                             f"1.3) is copied, not added: use {use}.")

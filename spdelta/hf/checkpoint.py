@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from spdelta._replace import refuse_patch
 from spdelta.delta import SparseDelta
 from spdelta.errors import (
     BaseMismatchError,
@@ -195,6 +196,7 @@ def apply_to_checkpoint(
         >>> load_file(dst + "/model.safetensors")["w"].tolist()
         [0.0, 1.0]
     """
+    refuse_patch(delta, "apply_to_checkpoint", "spdelta.patch.apply_patch")
     root, out_path = Path(base), Path(out)
     shards = checkpoint_shards(root)
     keys = {k for names in shards.values() for k in names}

@@ -9,6 +9,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from spdelta._replace import refuse_patch
 from spdelta.delta import SparseDelta
 from spdelta.errors import BaseMismatchError, ShapeError
 from spdelta.format.constants import KEY_FINGERPRINT
@@ -173,6 +174,7 @@ def apply_to_model(
         >>> apply_to_model(model, d).weight.tolist()
         [[0.0, 3.0], [0.0, 0.0]]
     """
+    refuse_patch(delta, "apply_to_model", "spdelta.patch.apply_")
     _APPLIED.setdefault(model, []).append(_add(model, delta, alpha, check_base))
     return model
 

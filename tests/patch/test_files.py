@@ -299,3 +299,15 @@ def test_refusals_leave_no_file(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     apply_patch(files[1], lying, tmp_path / "out.safetensors", check_base=False)  # unchecked
     assert_bitwise(load_file(tmp_path / "out.safetensors"), load_file(files[2]))
+
+
+@pytest.mark.parametrize("case", ["v4_replace_in_1_2", "v5_scale_on_replace", "v6_replace_f4",
+                                  "v7_replace_length", "v4_result_fingerprint_in_1_2"])
+def test_validate_reports_the_new_rules(case: str, capsys: Capsys) -> None:
+    vectors = Path(__file__).resolve().parents[2] / "spec" / "vectors" / "invalid"
+    rule = json.loads((vectors / f"{case}.json").read_text())["rule"]
+    code, out, _ = _run(capsys, "validate", vectors / f"{case}.safetensors", "--json")
+    report = json.loads(out)
+    assert code == 1 and report[0]["problems"][0]["rule"] == rule
+    valid = vectors.parent / "valid" / "replace_dtypes.safetensors"
+    assert _run(capsys, "validate", valid)[0] == 0

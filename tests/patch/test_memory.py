@@ -205,3 +205,18 @@ def test_cuda_live_sync_matches_cpu() -> None:
     apply_(gpu_old, p)
     for k in new:
         assert _bits_equal(gpu_old[k].cpu(), new[k])
+
+
+def test_additive_tools_refuse_a_patch(tmp_path_factory: pytest.TempPathFactory) -> None:
+    from safetensors.torch import save_file
+
+    from spdelta.errors import ParameterError
+    from spdelta.hf import apply_to_checkpoint, apply_to_model
+
+    p = diff({"weight": torch.zeros(2, 2)}, {"weight": torch.ones(2, 2)})
+    with pytest.raises(ParameterError, match="spdelta.patch.apply_"):
+        apply_to_model(torch.nn.Linear(2, 2, bias=False), p)  # type: ignore[arg-type]
+    folder = tmp_path_factory.mktemp("ckpt")
+    save_file({"weight": torch.zeros(2, 2)}, str(folder / "model.safetensors"))
+    with pytest.raises(ParameterError, match="spdelta.patch.apply_patch"):
+        apply_to_checkpoint(folder, p, folder / "out")  # type: ignore[arg-type]

@@ -74,7 +74,7 @@ def finetune(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step >= last - 1:
             save_bf16(model, work / f"step{step}", model_dir)
     train_s = time.perf_counter() - t0
