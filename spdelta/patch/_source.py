@@ -155,9 +155,14 @@ class Source:
     def read_bytes(self, shard: str, offset: int, buf: Tensor) -> None:
         """Fill the uint8 tensor ``buf`` from ``shard`` at byte ``offset``."""
         view = memoryview(buf.numpy().data) if buf.numel() else memoryview(b"")
+        f = self._files[shard]
         done = 0
         while done < len(view):
-            n = os.preadv(self._files[shard].fileno(), [view[done:]], offset + done)
+            if hasattr(os, "preadv"):
+                n = os.preadv(f.fileno(), [view[done:]], offset + done)
+            else:  # no preadv (macOS before 11, Windows): seek, then read into the view
+                f.seek(offset + done)
+                n = f.readinto(view[done:]) or 0  # type: ignore[attr-defined]
             if n <= 0:
                 raise CheckpointError(f"{str(self.root / shard)!r} ended early; did it change "
                                       "while reading?")

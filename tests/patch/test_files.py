@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -311,3 +312,12 @@ def test_validate_reports_the_new_rules(case: str, capsys: Capsys) -> None:
     assert code == 1 and report[0]["problems"][0]["rule"] == rule
     valid = vectors.parent / "valid" / "replace_dtypes.safetensors"
     assert _run(capsys, "validate", valid)[0] == 0
+
+
+def test_reads_without_preadv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    save_file(step(1), str(tmp_path / "a.safetensors"))
+    with Source(tmp_path / "a.safetensors") as src:
+        want = {n: bit_view(src.read(n)).clone() for n in src.names}
+        monkeypatch.delattr(os, "preadv")
+        for name in src.names:
+            assert torch.equal(bit_view(src.read(name)), want[name])
