@@ -42,6 +42,7 @@ from spdelta.errors import OutputExistsError, ParameterError, SpdeltaError
 from spdelta.format._container import encode_header
 from spdelta.format._metadata import TensorSpec
 from spdelta.format._scan import Scan, read_entry, scan_file
+from spdelta.format.constants import KEY_PRODUCER
 from spdelta.format.read import TensorInfo, _raise_if_problems, _user_metadata, tensor_info
 from spdelta.format.write import encode_entry, finish_metadata, merged_metadata, sort_key
 from spdelta.ops.quantize import QuantizedTensor, dequantize_tensor
@@ -224,6 +225,19 @@ class DeltaWriter:
     def names(self) -> list[str]:
         """Names written so far, sorted."""
         return sorted(self._specs)
+
+    def update_metadata(self, metadata: Mapping[str, str]) -> None:
+        """Add or replace metadata keys before :meth:`close` (values known only at the end,
+        such as fingerprints computed while the tensors streamed through).
+
+        Raises:
+            MetadataError: Bad metadata (as ``save_delta``).
+            ParameterError: The writer is closed.
+        """
+        if self._spool is None:
+            raise ParameterError(f"{self.path}: the writer is closed.")
+        producer = {KEY_PRODUCER: self._meta[KEY_PRODUCER]}  # keep the one given on open
+        self._meta = merged_metadata(self._meta, {**producer, **metadata})
 
     def write(self, name: str, entry: DeltaTensor | QuantizedTensor | ReplaceTensor) -> None:
         """Encode one tensor and spool its bytes; the entry is not kept.

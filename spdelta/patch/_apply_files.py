@@ -128,9 +128,12 @@ def _write_shard(src: Source, shard: str, out: BinaryIO, patch: _PatchInput,
     _put(out.fileno(), head.numpy().data)
     names = set(patch.names)
     nnz = 0
-    for name in sorted((n for n, t in src.tensors.items() if t.shard == shard),
-                       key=lambda n: src.tensors[n].begin):
+    order = sorted((n for n, t in src.tensors.items() if t.shard == shard),
+                   key=lambda n: src.tensors[n].begin)
+    for i, name in enumerate(order):
         st = src.tensors[name]
+        if i + 1 < len(order):  # the disk reads the next tensor while this one is patched
+            src.prefetch(order[i + 1])
         _copy_range(src.file(shard), out, st.begin, st.nbytes)
         if name in names:
             e = patch.entry(name)

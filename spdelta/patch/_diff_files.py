@@ -22,6 +22,12 @@ from spdelta.format.constants import (
     KEY_RESULT_FINGERPRINT,
     TORCH_DTYPES,
 )
+from spdelta.format.fingerprint import (
+    combine_records,
+    file_records,
+    sample_positions,
+    sample_record,
+)
 from spdelta.hf.checkpoint import CheckpointError
 from spdelta.hf.extract import _diff, _nonzero_entry
 from spdelta.patch._source import Source
@@ -54,30 +60,36 @@ def check_pair(base: Source, tuned: Source) -> None:
                          + ". A patch keeps each tensor's dtype and shape; save both in one dtype.")
 
 
-def exact_entry(base: Source, tuned: Source, name: str, *,
-                chunk_bytes: int = CHUNK_BYTES) -> ReplaceTensor:
+class Samples:
+    """The fingerprint samples (spec §5.1) of one tensor on both sides, filled window by
+    window, so that a diff fingerprints both checkpoints without reading anything twice."""
+
+    def __init__(self, numel: int, itemsize: int) -> None:
+        self.positions = np.asarray(sample_positions(numel), dtype=np.int64)
+        self.old = np.zeros(self.positions.size, dtype=f"<u{itemsize}")
+        self.new = np.zeros(self.positions.size, dtype=f"<u{itemsize}")
+
+    def take(self, start: int, old: np.ndarray, new: np.ndarray) -> None:
+        """Copy the sampled elements that lie in the window starting at element ``start``."""
+        lo, hi = np.searchsorted(self.positions, [start, start + old.size])
+        at = self.positions[lo:hi] - start
+        self.old[lo:hi], self.new[lo:hi] = old[at], new[at]
+
+
+def exact_entry(base: Source, tuned: Source, name: str, *, chunk_bytes: int = CHUNK_BYTES,
+                samples: Samples | None = None) -> ReplaceTensor:
     """Every element of tensor ``name`` whose bits differ, compared a chunk at a time.
 
     Both sides are seen through memory maps of one chunk each (no copy); only the changed
-    positions and their new values are kept.
+    positions and their new values are kept, and the fingerprint samples if ``samples``.
 
     Args:
         base, tuned: The two checkpoints (``check_pair`` passed).
-        name: The tensor.
+        name: The tensor, of a dtype of whole bytes.
         chunk_bytes: Bytes compared at a time per side (whole elements, at least one).
-
-    Raises:
-        CheckpointError: The tensor has a sub-byte dtype and its bytes differ.
+        samples: Filled with both sides' fingerprint samples of this tensor.
     """
     st = base.tensors[name]
-    if st.dtype not in TORCH_DTYPES:  # F4 / F6: no entry unless the bytes differ
-        a, b = (torch.empty(st.nbytes, dtype=torch.uint8) for _ in range(2))
-        base.read_bytes(st.shard, st.begin, a)
-        tuned.read_bytes(tuned.tensors[name].shard, tuned.tensors[name].begin, b)
-        if not torch.equal(a, b):
-            raise CheckpointError(f"{name!r} ({st.dtype}) changed, but a patch holds dtypes of "
-                                  "whole bytes only.")
-        return ReplaceTensor(st.shape, torch.zeros(0, dtype=torch.long), torch.zeros(0))
     dtype = TORCH_DTYPES[st.dtype]
     step = max(1, chunk_bytes // dtype.itemsize)
     idx, vals = [], []
@@ -86,12 +98,44 @@ def exact_entry(base: Source, tuned: Source, name: str, *,
         with base.window(name, start, n) as old, tuned.window(name, start, n) as new:
             where = np.flatnonzero(old != new)  # the bits differ
             vals.append(new[where])  # copies: the windows are unmapped next
+            if samples is not None:
+                samples.take(start, old, new)
             del old, new
         where += start
         idx.append(where)
+    if not idx:
+        empty = torch.zeros(0, dtype=torch.long)
+        return ReplaceTensor(st.shape, empty, torch.zeros(0, dtype=dtype))
     i = np.concatenate(idx) if len(idx) != 1 else idx[0]
     v = np.concatenate(vals) if len(vals) != 1 else vals[0]
     return ReplaceTensor(st.shape, torch.from_numpy(i), torch.from_numpy(v).view(dtype))
+
+
+def _sub_byte_entry(base: Source, tuned: Source, name: str) -> None:
+    """A tensor of fewer than 8 bits per element: equal bytes, or refused."""
+    st, sb = base.tensors[name], tuned.tensors[name]
+    a, b = (torch.empty(st.nbytes, dtype=torch.uint8) for _ in range(2))
+    base.read_bytes(st.shard, st.begin, a)
+    tuned.read_bytes(sb.shard, sb.begin, b)
+    if not torch.equal(a, b):
+        raise CheckpointError(f"{name!r} ({st.dtype}) changed, but a patch holds dtypes of "
+                              "whole bytes only.")
+
+
+def _exact(base: Source, tuned: Source, name: str, records: tuple[dict[str, bytes],
+           dict[str, bytes]]) -> ReplaceTensor | None:
+    """The entry of one tensor, recording both sides' fingerprint records."""
+    st = base.tensors[name]
+    if st.dtype not in TORCH_DTYPES:  # F4 / F6: no entry unless the bytes differ
+        _sub_byte_entry(base, tuned, name)
+        for side, rec in zip((base, tuned), records, strict=True):
+            rec.update(file_records(side.root / side.tensors[name].shard, [name]))
+        return None
+    samples = Samples(st.numel, TORCH_DTYPES[st.dtype].itemsize)
+    entry = exact_entry(base, tuned, name, samples=samples)
+    for rec, got in zip(records, (samples.old, samples.new), strict=True):
+        rec[name] = sample_record(name, st.dtype, st.shape, got.tobytes())
+    return entry
 
 
 def lossy_entry(base: Source, tuned: Source, name: str, *, density: float | None,
@@ -159,8 +203,9 @@ def diff_checkpoints(
     tensor (format 1.3) in the base's dtype, so applying the patch to ``base`` gives
     ``tuned`` bit for bit. The file records both fingerprints (spec §5.1):
     ``spdelta.base_model.fingerprint`` of ``base`` and ``spdelta.result.fingerprint`` of
-    ``tuned``. Tensors are compared :data:`CHUNK_BYTES` at a time, one tensor after
-    another: memory is bounded by one tensor's entries, never by the model.
+    ``tuned``, taken from the same pass (each byte is read once). Tensors are compared
+    :data:`CHUNK_BYTES` at a time, one tensor after another, the next one read ahead:
+    memory is bounded by one tensor's entries, never by the model.
 
     With ``density`` or ``k`` the diff is today's lossy ``extract`` instead: per floating
     tensor, the top ``k`` (or ``floor(density * numel + 0.5)``) entries of
@@ -200,32 +245,52 @@ def diff_checkpoints(
         2
     """
     lossy = _check_mode(density, k, targets, value_dtype)
-    regex = re.compile(targets) if targets else None
+    params = {"density": density, "k": k, "mode": "lossy" if lossy else "exact",
+              "targets": targets, "value_dtype": None if value_dtype is None else str(value_dtype)}
     with Source(base) as a, Source(tuned) as b:
         check_pair(a, b)
-        fps = (a.fingerprint(), b.fingerprint())
-        meta = {KEY_FINGERPRINT: fps[0]}
-        if not lossy:
-            meta[KEY_RESULT_FINGERPRINT] = fps[1]
-        params = {"density": density, "k": k, "mode": "lossy" if lossy else "exact",
-                  "targets": targets,
-                  "value_dtype": None if value_dtype is None else str(value_dtype)}
-        meta[KEY_PROVENANCE] = _provenance(a, b, fps, params, command)
-        nnz = numel = changed = 0
-        with DeltaWriter(output, metadata=meta, overwrite=overwrite,
-                         value_dtype=value_dtype) as writer:
-            for name in tqdm(a.in_file_order(), desc="diff", unit="tensor", disable=not progress):
-                numel += a.tensors[name].numel
-                if regex is not None and not regex.search(name):
-                    continue
-                e = (lossy_entry(a, b, name, density=density, k=k) if lossy
-                     else exact_entry(a, b, name))
-                if e is not None and e.nnz:
-                    writer.write(name, e)
-                    nnz, changed = nnz + e.nnz, changed + 1
-        size = os.path.getsize(output)
+        records: tuple[dict[str, bytes], dict[str, bytes]] = ({}, {})
+        with DeltaWriter(output, overwrite=overwrite, value_dtype=value_dtype) as writer:
+            counts = _stream(a, b, writer, records, lossy=lossy, density=density, k=k,
+                             regex=re.compile(targets) if targets else None, progress=progress)
+            fps = (combine_records(records[0]), combine_records(records[1]))
+            meta = {KEY_FINGERPRINT: fps[0], KEY_PROVENANCE: _provenance(a, b, fps, params,
+                                                                         command)}
+            if not lossy:  # applying an exact patch gives TUNED, bit for bit (spec §5.2)
+                meta[KEY_RESULT_FINGERPRINT] = fps[1]
+            writer.update_metadata(meta)
+        size, (nnz, numel, changed) = os.path.getsize(output), counts
         return {"mode": params["mode"], "tensors": len(a.names), "changed_tensors": changed,
                 "numel": numel, "nnz": nnz, "changed_fraction": nnz / numel if numel else 0.0,
                 "checkpoint_bytes": sum(t.nbytes for t in a.tensors.values()),
                 "output_bytes": size, "bytes_per_entry": size / nnz if nnz else 0.0,
                 "base_fingerprint": fps[0], "tuned_fingerprint": fps[1]}
+
+
+def _stream(a: Source, b: Source, writer: DeltaWriter,
+            records: tuple[dict[str, bytes], dict[str, bytes]], *, lossy: bool,
+            density: float | None, k: int | None, regex: re.Pattern[str] | None,
+            progress: bool) -> tuple[int, int, int]:
+    """Write every tensor's entry, in file order; fill both sides' fingerprint records.
+
+    Returns:
+        ``(nnz, numel, changed tensors)``.
+    """
+    if lossy:  # the lossy mode skips tensors: sample both checkpoints up front
+        records[0].update(a.records())
+        records[1].update(b.records())
+    nnz = numel = changed = 0
+    order = a.in_file_order()
+    for i, name in enumerate(tqdm(order, desc="diff", unit="tensor", disable=not progress)):
+        if i + 1 < len(order):  # the disk reads the next tensor while this one runs
+            a.prefetch(order[i + 1])
+            b.prefetch(order[i + 1])
+        numel += a.tensors[name].numel
+        if regex is not None and not regex.search(name):
+            continue
+        e = (lossy_entry(a, b, name, density=density, k=k) if lossy
+             else _exact(a, b, name, records))
+        if e is not None and e.nnz:
+            writer.write(name, e)
+            nnz, changed = nnz + e.nnz, changed + 1
+    return nnz, numel, changed

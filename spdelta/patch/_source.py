@@ -152,6 +152,17 @@ class Source:
         finally:
             mm.close()  # BufferError if the caller kept a view: copy instead
 
+    def prefetch(self, name: str) -> None:
+        """Ask the kernel to start reading tensor ``name`` now, in the background.
+
+        Reads of the next tensor then overlap the work on this one; a no-op where
+        ``posix_fadvise`` does not exist. Nothing is mapped or allocated here.
+        """
+        t = self.tensors.get(name)
+        if t is not None and t.nbytes and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._files[t.shard].fileno(), t.begin, t.nbytes,
+                             os.POSIX_FADV_WILLNEED)
+
     def read_bytes(self, shard: str, offset: int, buf: Tensor) -> None:
         """Fill the uint8 tensor ``buf`` from ``shard`` at byte ``offset``."""
         view = memoryview(buf.numpy().data) if buf.numel() else memoryview(b"")

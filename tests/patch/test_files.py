@@ -30,9 +30,10 @@ from spdelta.format import (
     save_delta,
 )
 from spdelta.format.constants import KEY_FINGERPRINT, KEY_RESULT_FINGERPRINT
+from spdelta.format.fingerprint import sample_record, tensor_record
 from spdelta.hf import checkpoint_fingerprint, checkpoint_shards, extract_delta
 from spdelta.patch import apply_patch, bit_view, diff_checkpoints
-from spdelta.patch._diff_files import exact_entry
+from spdelta.patch._diff_files import Samples, exact_entry
 from spdelta.patch._source import Source
 
 Capsys = pytest.CaptureFixture[str]
@@ -193,14 +194,21 @@ def test_single_files_and_tensor_sets(tmp_path: Path) -> None:
 
 def test_chunked_comparison_equals_whole_tensor(tmp_path: Path) -> None:
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
-    save_file(step(0), str(a))
-    save_file(step(2), str(b))
+    big = torch.randn(3001, generator=torch.Generator().manual_seed(3)).bfloat16()
+    save_file({**step(0), "big": big}, str(a))  # > 1,024 elements: sampled positions
+    save_file({**step(2), "big": big * 2}, str(b))
+    tensors = (load_file(a), load_file(b))
     with Source(a) as sa, Source(b) as sb:
         for name in sa.names:
             whole = exact_entry(sa, sb, name)
-            chunked = exact_entry(sa, sb, name, chunk_bytes=56)  # 7 to 56 elements a chunk
+            st = sa.tensors[name]
+            samples = Samples(st.numel, tensors[0][name].element_size())
+            chunked = exact_entry(sa, sb, name, chunk_bytes=56, samples=samples)  # 7-56 a chunk
             assert torch.equal(whole.indices, chunked.indices), name
             assert torch.equal(bit_view(whole.values), bit_view(chunked.values)), name
+            for got, side in zip((samples.old, samples.new), tensors, strict=True):
+                record = sample_record(name, st.dtype, st.shape, got.tobytes())
+                assert record == tensor_record(name, side[name]), name
 
 
 def test_lossy_mode_is_extract(tmp_path: Path, capsys: Capsys) -> None:

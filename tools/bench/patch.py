@@ -24,10 +24,12 @@ interleaved over ``--repeats`` rounds, with its output removed beforehand:
 - ``baseline``: the same interpreter importing torch, safetensors and spdelta only.
 
 Throughput is the checkpoint's tensor bytes over the wall time measured inside the child
-after its imports (medians). Peak RSS is each child's ``VmHWM`` (its peak resident size
-since ``exec``; ``ru_maxrss`` would include the parent's pages held between fork and exec)
-minus the baseline's. Targets: patch bytes per changed bf16 entry <= 0.6x the 6-byte layout at 1 %;
-diff and apply >= 0.5x the plain throughput; peak RSS <= 1.5 GB above the baseline.
+after its imports (medians), beside its CPU time (user + system: a run whose CPU time is
+far below its wall time waits for the disk). Peak RSS is each child's ``VmHWM`` (its peak
+resident size since ``exec``; ``ru_maxrss`` would include the parent's pages held between
+fork and exec) minus the baseline's. Targets: patch bytes per changed bf16 entry <= 0.6x
+the 6-byte layout at 1 %; diff and apply >= 0.5x the plain throughput; peak RSS <= 1.5 GB
+above the baseline. ``--profile`` adds one cProfile'd diff and apply per fraction.
 
 Example:
     python tools/bench/patch.py --json --layers 4                   # both parts
@@ -56,17 +58,29 @@ INT32_BF16 = 6  # bytes per entry of the (int32 flat index, bf16 value) layout
 BYTES_TARGET, RATIO_TARGET, RSS_TARGET = 0.6, 0.5, 1.5e9
 
 _PRELUDE = """
-import json, sys, time
+import cProfile, io, json, os, pstats, resource, sys, time
 import torch, safetensors.torch, spdelta.cli.main
-A, B, C, D = sys.argv[1:5]
-t0 = time.perf_counter()
+A, B, C, D, PROFILE = sys.argv[1:6]
+profiler = cProfile.Profile() if PROFILE == "1" else None
+cpu0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+if profiler is not None:
+    profiler.enable()
 {body}
-wall = time.perf_counter() - t0
+if profiler is not None:
+    profiler.disable()
+wall, cpu1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
 # VmHWM: the peak resident size of this program since exec (ru_maxrss would also count the
 # parent's pages this process held between fork and exec)
 with open("/proc/self/status") as status:
     hwm = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
-print(json.dumps({{"wall_s": wall, "maxrss_bytes": hwm * 1024}}))
+out = {{"wall_s": wall, "maxrss_bytes": hwm * 1024,
+        "user_s": cpu1.ru_utime - cpu0.ru_utime, "system_s": cpu1.ru_stime - cpu0.ru_stime,
+        "major_faults": cpu1.ru_majflt - cpu0.ru_majflt}}
+if profiler is not None:
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(14)
+    out["profile"] = [l for l in text.getvalue().splitlines() if l.strip()][-15:]
+print(json.dumps(out))
 """
 _CHILD = {
     "baseline": "pass",
@@ -119,11 +133,11 @@ def write_checkpoint(folder: Path, shapes: dict[str, tuple[int, ...]], fraction:
     return total
 
 
-def run_child(kind: str, *paths: Path) -> dict[str, float]:
-    """One measurement in a fresh interpreter: its wall time and peak RSS."""
+def run_child(kind: str, *paths: Path, profile: bool = False) -> dict[str, Any]:
+    """One measurement in a fresh interpreter: wall and CPU time, peak RSS (and a profile)."""
     code = _PRELUDE.format(body=_CHILD[kind])
-    done = subprocess.run([sys.executable, "-c", code, *map(str, paths)], capture_output=True,
-                          text=True, check=False)
+    argv = [sys.executable, "-c", code, *map(str, paths), "1" if profile else "0"]
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{kind} failed: {done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -150,23 +164,28 @@ def synthetic(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         _clear(tuned, patch, dest)
         write_checkpoint(tuned, shapes, fraction, args.shard_gb * 1e9)
         out["generate_s"] = time.perf_counter() - t0
-        runs: dict[str, list[dict[str, float]]] = {k: [] for k in _CHILD}
+        runs: dict[str, list[dict[str, Any]]] = {k: [] for k in _CHILD}
         for _ in range(args.repeats):
             for kind in ("baseline", "plain", "diff", "apply"):
                 _clear(dest)
                 runs[kind].append(run_child(kind, base, tuned, dest, patch))
         out["fractions"][str(fraction)] = _figures(runs, nbytes, patch)
+        if args.profile:  # one more run of each under cProfile: where the time goes
+            for kind in ("diff", "apply"):
+                _clear(dest)
+                prof = run_child(kind, base, tuned, dest, patch, profile=True)
+                out["fractions"][str(fraction)][f"{kind}_profile"] = prof
         _clear(tuned, patch, dest)
     _clear(base)
     return out
 
 
-def _figures(runs: dict[str, list[dict[str, float]]], nbytes: int, patch: Path
+def _figures(runs: dict[str, list[dict[str, Any]]], nbytes: int, patch: Path
              ) -> dict[str, Any]:
     from spdelta.format import read_header
 
-    med = {k: {m: statistics.median(r[m] for r in v) for m in ("wall_s", "maxrss_bytes")}
-           for k, v in runs.items()}
+    med = {k: {m: statistics.median(r[m] for r in v)
+               for m in ("wall_s", "maxrss_bytes", "user_s", "system_s")} for k, v in runs.items()}
     base_rss = med["baseline"]["maxrss_bytes"]
     nnz = sum(i.nnz for i in read_header(patch)[1].values())
     size = patch.stat().st_size
@@ -181,10 +200,12 @@ def _figures(runs: dict[str, list[dict[str, float]]], nbytes: int, patch: Path
         tp = nbytes / med[kind]["wall_s"]
         rss = med[kind]["maxrss_bytes"] - base_rss
         fig.update({f"{kind}_wall_s": med[kind]["wall_s"], f"{kind}_throughput_bytes_per_s": tp,
+                    f"{kind}_cpu_s": med[kind]["user_s"] + med[kind]["system_s"],
                     f"{kind}_over_plain": tp / plain_tp, f"{kind}_rss_above_baseline_bytes": rss,
                     f"{kind}_throughput_target_met": tp / plain_tp >= RATIO_TARGET,
                     f"{kind}_rss_target_met": rss <= RSS_TARGET})
     fig["plain_rss_above_baseline_bytes"] = med["plain"]["maxrss_bytes"] - base_rss
+    fig["plain_cpu_s"] = med["plain"]["user_s"] + med["plain"]["system_s"]
     fig["runs"] = runs
     return fig
 
@@ -210,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--profile", action="store_true",
+                   help="after the timed runs, one cProfile'd diff and apply per fraction")
     p.add_argument("--dir", help="work folder (default: a temp dir; removed after)")
     p.add_argument("--json", action="store_true", help="print JSON")
     args = p.parse_args(argv)
