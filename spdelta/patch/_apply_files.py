@@ -34,7 +34,13 @@ from spdelta.errors import (
 )
 from spdelta.format import DeltaReader
 from spdelta.format.constants import KEY_FINGERPRINT, KEY_RESULT_FINGERPRINT, TORCH_DTYPES
-from spdelta.format.fingerprint import check_fingerprint, combine_records, tensor_record
+from spdelta.format.fingerprint import (
+    check_fingerprint,
+    combine_records,
+    legacy_combine,
+    legacy_file_sample,
+    tensor_record,
+)
 from spdelta.format.stream import _copy_range
 from spdelta.hf.checkpoint import _atomic_dir, _copy_other_files
 from spdelta.ops.quantize import QuantizedTensor
@@ -100,14 +106,20 @@ def _check_fit(src: Source, patch: _PatchInput) -> None:
                          + ". Apply the patch to the checkpoint it was made from.")
 
 
-def _check_base(expected: str | None, found: str, result: str | None) -> None:
-    if expected is None:
-        return
-    mismatch = check_fingerprint(expected, current=lambda: found, legacy=lambda: "")
+def _check_base(src: Source, patch: _PatchInput, found: str) -> None:
+    """Refuse a base whose fingerprint is not the patch's (base1, or the legacy rule)."""
+    expected = patch.metadata.get(KEY_FINGERPRINT)
+
+    def legacy() -> str:  # files before 1.2: over the patch's own tensors
+        return legacy_combine({n: legacy_file_sample(src.root / src.tensors[n].shard, n, n)
+                               for n in patch.names})
+
+    mismatch = check_fingerprint(expected, current=lambda: found, legacy=legacy)
     if mismatch is not None:
-        done = " (the patch's result: it is already applied)" if found == result else ""
+        done = (" (the patch's result: it is already applied)"
+                if found == patch.metadata.get(KEY_RESULT_FINGERPRINT) else "")
         raise BaseMismatchError(
-            f"wrong base: the patch applies to {expected}, the checkpoint is {found}{done}; "
+            f"wrong base: the patch applies to {expected}, the checkpoint is {mismatch}{done}; "
             "apply the patches of a chain in order, or pass --allow-base-mismatch "
             "(check_base=False).")
 
@@ -258,7 +270,7 @@ def apply_patch(
         found = combine_records(records)
         result = p.metadata.get(KEY_RESULT_FINGERPRINT)
         if check_base:
-            _check_base(p.metadata.get(KEY_FINGERPRINT), found, result)
+            _check_base(src, p, found)
         nnz = 0
         with _destination(src, Path(output), overwrite) as opener, tqdm(
                 total=len(src.tensors), desc="apply", unit="tensor", disable=not progress) as bar:

@@ -329,3 +329,22 @@ def test_reads_without_preadv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         monkeypatch.delattr(os, "preadv")
         for name in src.names:
             assert torch.equal(bit_view(src.read(name)), want[name])
+
+
+def test_a_legacy_fingerprint_still_verifies_on_a_file_base(tmp_path: Path) -> None:
+    from spdelta import SparseDelta
+    from spdelta.format.fingerprint import legacy_combine, legacy_file_sample
+
+    a = tmp_path / "a.safetensors"
+    save_file({"w": torch.zeros(8), "b": torch.ones(2)}, str(a))
+    legacy = legacy_combine({"w": legacy_file_sample(a, "w", "w")})
+    for fp, ok in ((legacy, True), ("sha256:" + "0" * 16, False)):
+        d = SparseDelta({"w": ((8,), torch.tensor([3]), torch.tensor([2.0]))},
+                        metadata={KEY_FINGERPRINT: fp})
+        save_delta(d, tmp_path / "d.st")
+        if ok:
+            apply_patch(a, tmp_path / "d.st", tmp_path / "out.safetensors")
+            assert load_file(tmp_path / "out.safetensors")["w"][3].item() == 2.0
+        else:
+            with pytest.raises(BaseMismatchError, match="wrong base"):
+                apply_patch(a, tmp_path / "d.st", tmp_path / "bad.safetensors")
