@@ -2,8 +2,9 @@
 
 Each output shard keeps its base shard's header bytes (names, dtypes, shapes, offsets and
 metadata). Every tensor's bytes are copied by the kernel (``copy_file_range``: no copy
-through user space), and a patched tensor is then patched in place through a memory map
-of just that tensor: its changed entries are written, nothing else is touched. The
+through user space, in a worker thread that runs one tensor ahead), and a patched tensor
+is then patched in place through a memory map of just that tensor: its changed entries
+are written, nothing else is touched. The
 output is built in a temp location beside its destination and renamed into place only
 when every check passed: the base fingerprint before anything is written, and the
 result's fingerprint (spec §5.1, computed from the patched tensors) against the patch's
@@ -17,6 +18,7 @@ import mmap
 import os
 import tempfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -41,8 +43,7 @@ from spdelta.format.fingerprint import (
     legacy_file_sample,
     tensor_record,
 )
-from spdelta.format.stream import _copy_range
-from spdelta.hf.checkpoint import _atomic_dir, _copy_other_files
+from spdelta.hf.checkpoint import CheckpointError, _atomic_dir, _copy_other_files
 from spdelta.ops.quantize import QuantizedTensor
 from spdelta.patch._memory import _write
 from spdelta.patch._source import Source
@@ -51,6 +52,7 @@ __all__ = ["apply_patch"]
 
 
 _NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
+_CHUNK = 8 << 20  # bytes per pread/pwrite where copy_file_range is unavailable
 
 
 class _PatchInput:
@@ -129,11 +131,35 @@ def _put(fd: int, data: memoryview) -> None:
         data = data[os.write(fd, data):]
 
 
+def _copy_at(src: int, dst: int, offset: int, nbytes: int) -> None:
+    """Copy ``nbytes`` at ``offset`` of file ``src`` to the same offset of ``dst``."""
+    done = 0
+    copy = getattr(os, "copy_file_range", None)
+    while copy is not None and done < nbytes:
+        try:
+            n = copy(src, dst, nbytes - done, offset + done, offset + done)
+        except OSError:  # e.g. EXDEV on old kernels: copy through user space
+            break
+        if n == 0:
+            break
+        done += n
+    while done < nbytes:
+        chunk = os.pread(src, min(_CHUNK, nbytes - done), offset + done)
+        if not chunk:
+            raise CheckpointError(f"the base ended early ({done} of {nbytes} bytes copied).")
+        done += os.pwrite(dst, chunk, offset + done)
+
+
 def _write_shard(src: Source, shard: str, out: BinaryIO, patch: _PatchInput,
                  records: dict[str, bytes], bar: Any) -> int:
     """Write one shard (``out``: raw, read-write, empty): its header as is, then each
     tensor's bytes copied by the kernel and, for a patched tensor, patched in place
-    through a memory map of just that tensor. Returns the entries applied."""
+    through a memory map of just that tensor. Returns the entries applied.
+
+    A worker thread copies the next tensor (``copy_file_range`` releases the GIL) while
+    this thread decodes and writes the current one's entries: reading and patching
+    overlap instead of adding up.
+    """
     header = src.headers[shard]
     head = torch.empty(header.data_start, dtype=torch.uint8)
     src.read_bytes(shard, 0, head)
@@ -142,20 +168,29 @@ def _write_shard(src: Source, shard: str, out: BinaryIO, patch: _PatchInput,
     nnz = 0
     order = sorted((n for n, t in src.tensors.items() if t.shard == shard),
                    key=lambda n: src.tensors[n].begin)
-    for i, name in enumerate(order):
+    fd_in, fd_out = src.file(shard).fileno(), out.fileno()
+
+    def copy(name: str) -> Future[None]:
         st = src.tensors[name]
-        if i + 1 < len(order):  # the disk reads the next tensor while this one is patched
-            src.prefetch(order[i + 1])
-        _copy_range(src.file(shard), out, st.begin, st.nbytes)
-        if name in names:
-            e = patch.entry(name)
-            with _mapped(out, st.begin, st.nbytes) as raw:
-                t = raw.view(TORCH_DTYPES[st.dtype])
-                _write(t, e)
-                records[name] = tensor_record(name, t.view(st.shape))
-                del t, raw
-            nnz += e.nnz
-        bar.update(1)
+        return pool.submit(_copy_at, fd_in, fd_out, st.begin, st.nbytes)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        copied = copy(order[0]) if order else None
+        for i, name in enumerate(order):
+            assert copied is not None
+            copied.result()
+            if i + 1 < len(order):  # one tensor ahead: it is still in the page cache when
+                copied = copy(order[i + 1])  # its turn to be patched comes
+            if name in names:
+                st = src.tensors[name]
+                e = patch.entry(name)
+                with _mapped(out, st.begin, st.nbytes) as raw:
+                    t = raw.view(TORCH_DTYPES[st.dtype])
+                    _write(t, e)
+                    records[name] = tensor_record(name, t.view(st.shape))
+                    del t, raw
+                nnz += e.nnz
+            bar.update(1)
     return nnz
 
 

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -281,16 +282,25 @@ def _stream(a: Source, b: Source, writer: DeltaWriter,
         records[1].update(b.records())
     nnz = numel = changed = 0
     order = a.in_file_order()
-    for i, name in enumerate(tqdm(order, desc="diff", unit="tensor", disable=not progress)):
-        if i + 1 < len(order):  # the disk reads the next tensor while this one runs
-            a.prefetch(order[i + 1])
-            b.prefetch(order[i + 1])
-        numel += a.tensors[name].numel
-        if regex is not None and not regex.search(name):
-            continue
-        e = (lossy_entry(a, b, name, density=density, k=k) if lossy
-             else _exact(a, b, name, records))
-        if e is not None and e.nnz:
-            writer.write(name, e)
-            nnz, changed = nnz + e.nnz, changed + 1
+    with ThreadPoolExecutor(max_workers=1) as pool:  # asks for the next tensor's pages
+        for i, name in enumerate(tqdm(order, desc="diff", unit="tensor", disable=not progress)):
+            if i + 1 < len(order):  # the disk reads the next tensor while this one runs
+                pool.submit(a.prefetch, order[i + 1])
+                pool.submit(b.prefetch, order[i + 1])
+            numel += a.tensors[name].numel
+            e = _entry(a, b, name, records, lossy=lossy, density=density, k=k, regex=regex)
+            if e is not None and e.nnz:
+                writer.write(name, e)
+                nnz, changed = nnz + e.nnz, changed + 1
     return nnz, numel, changed
+
+
+def _entry(a: Source, b: Source, name: str, records: tuple[dict[str, bytes], dict[str, bytes]],
+           *, lossy: bool, density: float | None, k: int | None,
+           regex: re.Pattern[str] | None) -> DeltaTensor | ReplaceTensor | None:
+    """The entry of one tensor in either mode (``None``: nothing to write)."""
+    if regex is not None and not regex.search(name):
+        return None
+    if lossy:
+        return lossy_entry(a, b, name, density=density, k=k)
+    return _exact(a, b, name, records)

@@ -348,3 +348,11 @@ def test_a_legacy_fingerprint_still_verifies_on_a_file_base(tmp_path: Path) -> N
         else:
             with pytest.raises(BaseMismatchError, match="wrong base"):
                 apply_patch(a, tmp_path / "d.st", tmp_path / "bad.safetensors")
+
+
+def test_apply_without_copy_file_range(chain: list[Path], tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    diff_checkpoints(chain[0], chain[1], tmp_path / "p.st")
+    monkeypatch.delattr(os, "copy_file_range", raising=False)  # pread/pwrite instead
+    apply_patch(chain[0], tmp_path / "p.st", tmp_path / "out")
+    assert_bitwise(weights(tmp_path / "out"), weights(chain[1]))
