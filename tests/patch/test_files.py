@@ -120,8 +120,8 @@ def _run(capsys: Capsys, *argv: object) -> tuple[int, str, str]:
 
 @pytest.fixture
 def chain(tmp_path: Path) -> list[Path]:
-    """Three consecutive checkpoints of a run, sharded (3 shards each)."""
-    return [save_checkpoint(step(i), tmp_path / f"c{i}") for i in range(3)]
+    """Four consecutive checkpoints of a run, sharded (3 shards each)."""
+    return [save_checkpoint(step(i), tmp_path / f"c{i}") for i in range(4)]
 
 
 def test_diff_then_apply_is_bitwise_on_sharded_checkpoints(chain: list[Path], tmp_path: Path,
@@ -143,20 +143,26 @@ def test_diff_then_apply_is_bitwise_on_sharded_checkpoints(chain: list[Path], tm
 
 def test_chain_applies_in_order_and_refuses_the_wrong_step(chain: list[Path], tmp_path: Path,
                                                            capsys: Capsys) -> None:
-    p01, p12 = tmp_path / "p01.st", tmp_path / "p12.st"
-    assert _run(capsys, "diff", chain[0], chain[1], "-o", p01)[0] == 0
-    assert _run(capsys, "diff", chain[1], chain[2], "-o", p12)[0] == 0
+    patches = [tmp_path / f"p{i}{i + 1}.st" for i in range(3)]
+    for i, p in enumerate(patches):
+        assert _run(capsys, "diff", chain[i], chain[i + 1], "-o", p)[0] == 0
     before = sorted(p.name for p in tmp_path.iterdir())
-    code, _, err = _run(capsys, "apply", "--base", chain[0], "--delta", p12, "-o",
+    code, _, err = _run(capsys, "apply", "--base", chain[0], "--delta", patches[1], "-o",
                         tmp_path / "wrong")
     assert code == 1 and err.count("\n") == 1
     assert checkpoint_fingerprint(chain[0]) in err and checkpoint_fingerprint(chain[1]) in err
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output, no temp dir
-    assert _run(capsys, "apply", "--base", chain[0], "--delta", p01, "-o", tmp_path / "s1")[0] == 0
-    assert _run(capsys, "apply", "--base", tmp_path / "s1", "--delta", p12, "-o",
-                tmp_path / "s2")[0] == 0
-    assert_bitwise(weights(tmp_path / "s2"), weights(chain[2]))
-    code, _, err = _run(capsys, "apply", "--base", tmp_path / "s2", "--delta", p12, "-o",
+    current = chain[0]
+    for i, p in enumerate(patches):  # three applies in order, each bitwise the next step
+        out = tmp_path / f"s{i + 1}"
+        assert _run(capsys, "apply", "--base", current, "--delta", p, "-o", out)[0] == 0
+        assert_bitwise(weights(out), weights(chain[i + 1]))
+        current = out
+    code, _, err = _run(capsys, "apply", "--base", tmp_path / "s1", "--delta", patches[2], "-o",
+                        tmp_path / "skip")  # a step skipped: step 2's patch on step 1
+    assert code == 1 and checkpoint_fingerprint(chain[2]) in err
+    assert not (tmp_path / "skip").exists()
+    code, _, err = _run(capsys, "apply", "--base", tmp_path / "s3", "--delta", patches[2], "-o",
                         tmp_path / "again")
     assert code == 1 and "already applied" in err and not (tmp_path / "again").exists()
 
