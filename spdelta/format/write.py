@@ -33,6 +33,7 @@ from spdelta.format.constants import (
     min_minor,
 )
 from spdelta.ops.quantize import QuantizedDelta, QuantizedTensor
+from spdelta.types import Shape
 
 __all__ = ["encode_entry", "finish_metadata", "merged_metadata", "save_delta", "sort_key"]
 
@@ -100,16 +101,25 @@ def _raw_parts(
     found = entry_problems(name, e.shape, e.indices, values)
     if found:
         raise _combine(found)
-    encoding, codes = _encode(name, e.indices, e.numel, index_encoding)
+    return _index_and_values(name, e.shape, e.indices, index_encoding,
+                             _VALUE_NAMES[values.dtype], values, "raw")
+
+
+def _index_and_values(
+    name: str, shape: Shape, indices: Tensor, index_encoding: str, value_dtype: str,
+    values: Tensor, value_encoding: str,
+) -> tuple[list[Part], dict[str, object]]:
+    """The ``::idx`` and ``::val`` parts and the header entry of a raw or replace tensor."""
+    encoding, codes = _encode(name, indices, numel_of(shape), index_encoding)
     parts = [
         (f"{name}{SEPARATOR}idx", INDEX_DTYPES[encoding], codes),
-        (f"{name}{SEPARATOR}val", _VALUE_NAMES[values.dtype], values),
+        (f"{name}{SEPARATOR}val", value_dtype, values),
     ]
     spec = {
         "index_encoding": encoding,
-        "nnz": e.nnz,
-        "shape": list(e.shape),
-        "value_encoding": "raw",
+        "nnz": int(indices.numel()),
+        "shape": list(shape),
+        "value_encoding": value_encoding,
     }
     return parts, spec
 
@@ -147,18 +157,8 @@ def _replace_parts(
     if found:
         raise _combine(found)
     values = t.values.detach().to("cpu").contiguous()  # the bits, in the base's dtype
-    encoding, codes = _encode(name, t.indices, numel_of(t.shape), index_encoding)
-    parts = [
-        (f"{name}{SEPARATOR}idx", INDEX_DTYPES[encoding], codes),
-        (f"{name}{SEPARATOR}val", _STORED_NAMES[values.dtype], values),
-    ]
-    spec = {
-        "index_encoding": encoding,
-        "nnz": t.nnz,
-        "shape": list(t.shape),
-        "value_encoding": REPLACE,
-    }
-    return parts, spec
+    return _index_and_values(name, t.shape, t.indices, index_encoding,
+                             _STORED_NAMES[values.dtype], values, REPLACE)
 
 
 def encode_entry(
