@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from types import MappingProxyType
-from typing import NamedTuple
+from typing import Generic, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
@@ -24,7 +24,7 @@ from spdelta.errors import (
 )
 from spdelta.types import Shape
 
-__all__ = ["DeltaTensor", "SparseDelta", "check_entry", "numel_of"]
+__all__ = ["DeltaTensor", "EntryMap", "SparseDelta", "check_entry", "numel_of"]
 
 #: Separator between a tensor name and its part in a file; never in a state-dict name.
 SEPARATOR = "::"
@@ -164,7 +164,48 @@ def check_entry(name: str, shape: Shape, indices: Tensor, values: Tensor) -> lis
     return out
 
 
-class SparseDelta:
+E = TypeVar("E")
+
+
+class EntryMap(Generic[E]):
+    """The read-only mapping protocol of :class:`SparseDelta`, ``QuantizedDelta`` and
+    ``Patch``: entries by tensor name (sorted) and ``str -> str`` metadata.
+
+    Not a ``Mapping`` (``SparseDelta.values`` is a property); subclasses set ``_tensors``
+    and ``_metadata`` (read-only views) in their constructor.
+    """
+
+    __slots__ = ("_tensors", "_metadata")
+    _tensors: Mapping[str, E]
+    _metadata: Mapping[str, str]
+
+    def __getitem__(self, name: str) -> E:
+        return self._tensors[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tensors
+
+    def keys(self) -> list[str]:
+        """Tensor names, sorted."""
+        return list(self._tensors)
+
+    def items(self) -> list[tuple[str, E]]:
+        """``(name, entry)`` pairs, sorted by name."""
+        return list(self._tensors.items())
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """A copy of the ``str -> str`` metadata."""
+        return dict(self._metadata)
+
+
+class SparseDelta(EntryMap[DeltaTensor]):
     """An immutable map from a state-dict name to a sparse delta on that tensor.
 
     Each entry is a :class:`DeltaTensor` ``(shape, indices, values)``: ``indices``
@@ -188,7 +229,7 @@ class SparseDelta:
         (2, [[1.0, 0.0, 0.0], [0.0, -2.0, 0.0]])
     """
 
-    __slots__ = ("_tensors", "_metadata")
+    __slots__ = ()
     __hash__ = None  # type: ignore[assignment]
 
     def __init__(
@@ -310,27 +351,6 @@ class SparseDelta:
             entries[name] = (tuple(x.shape), idx, flat[idx])
         return cls(entries, metadata=metadata)
 
-    # Mapping protocol (``values`` is a property, so this is not a ``Mapping``).
-    def __getitem__(self, name: str) -> DeltaTensor:
-        return self._tensors[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._tensors)
-
-    def __len__(self) -> int:
-        return len(self._tensors)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._tensors
-
-    def keys(self) -> list[str]:
-        """Tensor names, sorted."""
-        return list(self._tensors)
-
-    def items(self) -> list[tuple[str, DeltaTensor]]:
-        """``(name, DeltaTensor)`` pairs, sorted by name."""
-        return list(self._tensors.items())
-
     @property
     def values(self) -> dict[str, Tensor]:
         """Name -> 1-D values (a new dict; the tensors are shared)."""
@@ -345,11 +365,6 @@ class SparseDelta:
     def shapes(self) -> dict[str, Shape]:
         """Name -> dense shape."""
         return {n: e.shape for n, e in self._tensors.items()}
-
-    @property
-    def metadata(self) -> dict[str, str]:
-        """A copy of the ``str -> str`` metadata."""
-        return dict(self._metadata)
 
     @property
     def nnz(self) -> int:

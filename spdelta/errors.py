@@ -16,6 +16,7 @@ from collections.abc import Iterable
 
 __all__ = [
     "BaseMismatchError",
+    "CompositionError",
     "ContainerError",
     "DataError",
     "DtypeError",
@@ -127,6 +128,12 @@ class ShapeError(SpdeltaError):
 
 class BaseMismatchError(SpdeltaError):
     """A delta was made for another base model (its base metadata or fingerprint differ)."""
+
+
+class CompositionError(SpdeltaError):
+    """Deltas cannot be combined as asked: the result is undefined without the base (spec §6.5),
+    e.g. a replacement tensor in a merge, or an additive entry followed by a replacement
+    that does not cover it."""
 
 
 class OutputExistsError(SpdeltaError, FileExistsError):

@@ -500,6 +500,132 @@ INVALID.update({
 # fmt: on
 
 
+# ------------------------------------------------- replacement tensors (format 1.3)
+#: name -> (shape, indices, stored dtype, bits of each value as an unsigned int, index encoding).
+REntry = tuple[list[int], list[int], str, list[int], str]
+#: Bytes per element of every dtype a replacement tensor may store (spec §4).
+R_SIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "U16": 2,
+          "I16": 2, "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8,
+          "F64": 8, "C64": 8}
+BASE_FP, RESULT_FP = "base1:" + "ab" * 16, "base1:" + "cd" * 16
+
+
+def r_parts(entries: dict[str, REntry]) -> tuple[list[Part], dict[str, dict[str, Any]]]:
+    """Stored tensors (unsorted) and specs of replacement entries: values written bit by bit."""
+    parts: list[Part] = []
+    specs: dict[str, dict[str, Any]] = {}
+    for name, (shape, indices, dtype, bits, enc) in entries.items():
+        codes = encode_indices(torch.tensor(indices, dtype=torch.int64), enc)
+        data = b"".join(b.to_bytes(R_SIZE[dtype], "little") for b in bits)
+        parts.append((f"{name}::idx", INDEX_DTYPES[enc], [codes.numel()], tensor_bytes(codes)))
+        parts.append((f"{name}::val", dtype, [len(bits)], data))
+        specs[name] = {"index_encoding": enc, "nnz": len(indices), "shape": shape,
+                       "value_encoding": "replace"}
+    return parts, specs
+
+
+def canonical_order(parts: list[Part]) -> list[Part]:
+    """Item size descending, then name (the order save_delta writes)."""
+    return sorted(parts, key=lambda p: (-R_SIZE[p[1]], p[0]))
+
+
+def r_file(entries: dict[str, REntry], raw: dict[str, Entry] | None = None,
+           change: Callable[[list[Part], dict[str, Any], dict[str, str]], object] | None = None,
+           version: str = "1.3") -> tuple[bytes, dict[str, str]]:
+    """A format 1.3 file of replacement (and raw) entries, optionally broken by ``change``."""
+    parts, specs = r_parts(entries)
+    more, raw_specs = entry_parts(raw or {})
+    parts, specs = canonical_order(parts + more), {**specs, **raw_specs}
+    meta = {"spdelta.base_model.fingerprint": BASE_FP, "spdelta.result.fingerprint": RESULT_FP,
+            "spdelta.format_version": version, "spdelta.producer": PRODUCER}
+    if change is not None:
+        change(parts, specs, meta)
+    meta["spdelta.tensors"] = spec_json(specs)
+    return raw_file(meta, parts), meta
+
+
+# fmt: off
+#: Values whose bits an arithmetic path would change: NaN payloads, -0.0, subnormals, inf.
+R_DTYPES: dict[str, REntry] = {
+    "bf16.specials": ([3, 4], [0, 1, 2, 3, 5, 7, 11], "BF16",
+                      [0x7FC1, 0xFF81, 0x8000, 0x0001, 0x7F80, 0xFF80, 0x3F80], "gap8"),
+    "f32.specials": ([5], [0, 2, 4], "F32", [0x7F800001, 0x80000000, 0x00000001], "gap8"),
+    "f16.specials": ([4], [1, 3], "F16", [0x7E01, 0x8001], "gap8"),
+    "f64.nan": ([2], [1], "F64", [0x7FF0000000000001], "gap8"),
+    "c64.z": ([2], [1], "C64", [0x800000003F800000], "gap8"),
+    "i64.step": ([], [0], "I64", [2**64 - 1], "gap8"),
+    "i32.ids": ([6], [0, 5], "I32", [0x80000000, 7], "gap8"),
+    "u16.none": ([3], [], "U16", [], "gap8"),
+    "i8.code": ([3], [1], "I8", [0x80], "gap8"),
+    "u8.far": ([300], [0, 299], "U8", [255, 0], "gap8"),
+    "bool.mask": ([4], [2], "BOOL", [1], "gap8"),
+    "f8.e4m3": ([2], [0], "F8_E4M3", [0x7F], "gap8"),
+}
+R_ENCODINGS: dict[str, REntry] = {
+    "a": ([70000], [0, 69999], "BF16", [0x7FC1, 0x8000], "gap16"),
+    "b": ([6], [1, 4], "F32", [0xFF800000, 0x00000001], "abs32"),
+    "c": ([2, 2], [3], "I64", [5], "abs64"),
+}
+VALID_R: dict[str, tuple[str, dict[str, REntry], dict[str, Entry]]] = {
+    "replace_dtypes": ("format 1.3: replacement tensors in many dtypes holding NaN payloads, "
+                       "-0.0, subnormals, infinities and extreme integers; base and result "
+                       "fingerprints", R_DTYPES, {}),
+    "replace_encodings": ("format 1.3: replacement tensors with gap16, abs32 and abs64 indices",
+                          R_ENCODINGS, {}),
+    "patch_mixed": ("format 1.3: a replacement tensor beside an additive (raw) one", {
+        "model.norm.weight": ([8], [0, 7], "BF16", [0x7FC1, 0x8000], "gap8")}, {
+        W: ([4, 4], [3, 9], [0.5, -0.25], "F32", "gap8")}),
+}
+# fmt: on
+
+
+def build_valid_r(case: str) -> tuple[bytes, dict[str, Any]]:
+    description, entries, raw = VALID_R[case]
+    data, meta = r_file(entries, raw)
+    tensors: dict[str, Any] = {
+        name: {"shape": shape, "nnz": len(indices), "index_encoding": enc,
+               "value_encoding": "replace", "value_dtype": dtype, "indices": indices, "bits": bits}
+        for name, (shape, indices, dtype, bits, enc) in entries.items()}
+    for name, (shape, indices, values, vdtype, enc) in raw.items():
+        tensors[name] = {"shape": shape, "nnz": len(indices), "index_encoding": enc,
+                         "value_dtype": vdtype, "indices": indices, "values": values}
+    return data, {"description": description, "canonical": True,
+                  "metadata": dict(sorted(meta.items())), "tensors": dict(sorted(tensors.items()))}
+
+
+R_ONE: dict[str, REntry] = {"w": ([4, 4], [1, 6], "BF16", [0x7FC1, 0x8000], "gap8")}
+
+
+def _r_invalid(change: Callable[[list[Part], dict[str, Any], dict[str, str]], object],
+               version: str = "1.3") -> bytes:
+    return r_file(R_ONE, change=change, version=version)[0]
+
+
+# fmt: off
+INVALID.update({
+    "v4_replace_in_1_2": ("V4", "value_encoding replace (defined in 1.3) in a file labelled 1.2",
+                          lambda: _r_invalid(lambda p, s, m: m.pop(
+                              "spdelta.result.fingerprint"), version="1.2")),
+    "v4_replace_block_size": ("V4", "a replacement tensor with a block_size", lambda: _r_invalid(
+        lambda p, s, m: s["w"].update({"block_size": 2}))),
+    "v4_result_fingerprint_in_1_2": ("V4", "spdelta.result.fingerprint (defined in 1.3) in a "
+                                     "1.2 file", lambda: _with_meta(lambda m: m.update({
+                                         "spdelta.format_version": "1.2",
+                                         "spdelta.result.fingerprint": RESULT_FP}))),
+    "v5_scale_on_replace": ("V5", "a replacement tensor with a w::scale tensor",
+                            lambda: _r_invalid(lambda p, s, m: p.append(
+                                ("w::scale", "F32", [1], _ONE_F32)))),
+    "v6_replace_f4": ("V6", "replacement values of the sub-byte dtype F4", lambda: _r_invalid(
+        lambda p, s, m: _replace(p, "w::val", "F4", [2], b"\x21"))),
+    "v6_replace_2d": ("V6", "replacement values of shape [2, 1]", lambda: _r_invalid(
+        lambda p, s, m: _replace(p, "w::val", "BF16", [2, 1], b"\xc1\x7f\x00\x80"))),
+    "v7_replace_length": ("V7", "a replacement tensor with nnz 2 but 3 values",
+                          lambda: _r_invalid(lambda p, s, m: _replace(
+                              p, "w::val", "BF16", [3], b"\xc1\x7f\x00\x80\x00\x00"))),
+})
+# fmt: on
+
+
 # ------------------------------------------------- base fingerprints (spec §5.1)
 #: safetensors dtype -> bytes per element, for the checkpoints below.
 FP_SIZE = {"F32": 4, "BF16": 2, "F16": 2, "F64": 8, "I64": 8, "I32": 4, "I8": 1, "U8": 1,
@@ -597,8 +723,10 @@ def generate(out: Path) -> None:
     for sub in SUBDIRS:
         shutil.rmtree(out / sub, ignore_errors=True)
         (out / sub).mkdir(parents=True)
-    for case in [*VALID, *VALID_Q]:
-        data, expected = build_valid(case) if case in VALID else build_valid_q(case)
+    builders = {**dict.fromkeys(VALID, build_valid), **dict.fromkeys(VALID_Q, build_valid_q),
+                **dict.fromkeys(VALID_R, build_valid_r)}
+    for case, build_one in builders.items():
+        data, expected = build_one(case)
         (out / "valid" / f"{case}.safetensors").write_bytes(data)
         (out / "valid" / f"{case}.json").write_bytes(_dump(expected))
     for case, (rule, description, build) in INVALID.items():
@@ -650,7 +778,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if diffs else 0
     generate(args.out)
     print(
-        f"wrote {len(VALID) + len(VALID_Q)} valid and {len(INVALID)} invalid vectors to {args.out}"
+        f"wrote {len(VALID) + len(VALID_Q) + len(VALID_R)} valid and {len(INVALID)} invalid "
+        f"vectors to {args.out}"
     )
     return 0
 

@@ -1,4 +1,4 @@
-"""``spdelta compose A B... -o OUT``: sum delta files (union of supports)."""
+"""``spdelta compose A B... -o OUT``: compose delta files in order (sums; patches chain)."""
 
 from __future__ import annotations
 
@@ -17,10 +17,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = new_parser(
         subparsers,
         NAME,
-        "sum delta files (union of supports), streaming",
+        "compose delta files in order, streaming: additive deltas are summed (union of "
+        "supports); patches chain, a later replacement winning (spec §6.5)",
         [
             "spdelta compose task.st style.st -o both.st",
             "spdelta compose a.st b.st c.st -o sum.st --force",
+            "spdelta compose step-101.st step-102.st -o 100-to-102.st   # a patch chain",
         ],
     )
     p.add_argument(
@@ -38,7 +40,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Sum ``args.inputs`` into ``args.output``; print a summary."""
+    """Compose ``args.inputs`` into ``args.output``; print a summary."""
     report = compose_files(
         args.inputs,
         args.output,

@@ -26,6 +26,7 @@ def _commands() -> dict[str, ModuleType]:
         compose,
         convert,
         demo,
+        diff,
         extract,
         generate,
         inspect,
@@ -36,7 +37,7 @@ def _commands() -> dict[str, ModuleType]:
     )
 
     mods = [demo, train, inspect, validate, merge, compose, quantize, convert, apply, extract,
-            generate]
+            generate, diff]
     return {m.NAME: m for m in mods}
 
 

@@ -22,7 +22,7 @@ from spdelta.format.files import (
     merge_files,
     quantize_file,
 )
-from spdelta.format.read import TensorInfo, load_delta, load_quantized, read_header
+from spdelta.format.read import TensorInfo, load_delta, load_patch, load_quantized, read_header
 from spdelta.format.stream import DeltaReader, DeltaWriter
 from spdelta.format.validate import Problem, validate_file
 from spdelta.format.write import save_delta
@@ -43,6 +43,7 @@ __all__ = [
     "encoded_nbytes",
     "file_sha256",
     "load_delta",
+    "load_patch",
     "load_quantized",
     "merge_files",
     "quantize_file",

@@ -15,7 +15,7 @@ from spdelta.delta import SEPARATOR, check_entry, numel_of
 from spdelta.errors import FormatError
 from spdelta.types import Shape
 
-__all__ = ["entry_problems", "entry_valid"]
+__all__ = ["entry_problems", "entry_valid", "index_problems"]
 
 
 def _shape_ok(shape: object) -> bool:
@@ -25,9 +25,13 @@ def _shape_ok(shape: object) -> bool:
 
 
 def entry_valid(
-    name: str, shape: Shape, indices: Tensor, values: Tensor, *, increasing: bool = False
+    name: str, shape: Shape, indices: Tensor, values: Tensor, *, increasing: bool = False,
+    any_values: bool = False,
 ) -> bool:
     """Whether the entry certainly satisfies V5-V10 (``increasing``: order is known).
+
+    With ``any_values`` (replacement values, spec V10) the values' dtype and bits are not
+    checked, only their rank and length.
 
     Example:
         >>> entry_valid("w", (4,), torch.tensor([1, 3]), torch.tensor([0.5, 1.0]))
@@ -41,7 +45,7 @@ def entry_valid(
         return False
     if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
         return False
-    if not values.dtype.is_floating_point:
+    if not (any_values or values.dtype.is_floating_point):
         return False
     if indices.numel() == 0:
         return True
@@ -49,7 +53,7 @@ def entry_valid(
         return False
     if not increasing and indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
         return False
-    return bool(torch.isfinite(values.abs().amax()))  # amax propagates NaN
+    return any_values or bool(torch.isfinite(values.abs().amax()))  # amax propagates NaN
 
 
 def entry_problems(
@@ -59,3 +63,18 @@ def entry_problems(
     if entry_valid(name, shape, indices, values, increasing=increasing):
         return []
     return check_entry(name, shape, indices, values)
+
+
+def index_problems(
+    name: str, shape: Shape, indices: Tensor, *, increasing: bool = False
+) -> list[FormatError]:
+    """The problems of an entry whose values V10 does not constrain (quantized codes, checked
+    apart, and replacement values): name, shape and indices (V5-V9) only.
+
+    Example:
+        >>> index_problems("w", (4,), torch.tensor([1, 3]))
+        []
+    """
+    if entry_valid(name, shape, indices, indices, increasing=increasing, any_values=True):
+        return []
+    return check_entry(name, shape, indices, torch.zeros(indices.shape))

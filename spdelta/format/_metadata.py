@@ -164,6 +164,9 @@ def _encoding_problem(entry: dict[str, Any], minor: int) -> str | None:
         since = ""
         if encoding in VALUE_ENCODINGS:
             since = f" (defined from format 1.{min_minor(encoding)})"
+        if not since and minor > MINOR:
+            since = (f" (the file is format {MAJOR}.{minor}, newer than this reader's "
+                     f"{MAJOR}.{MINOR}; upgrade spdelta to read it)")
         return (
             f"value_encoding must be one of {known} in format 1.{minor}; "
             f"found {_short(encoding)}{since}"

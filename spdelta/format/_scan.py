@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from spdelta._io import open_input
+from spdelta._replace import ReplaceTensor
 from spdelta.delta import SEPARATOR, DeltaTensor, numel_of
 from spdelta.errors import (
     ContainerError,
@@ -23,13 +24,15 @@ from spdelta.errors import (
     TensorSetError,
 )
 from spdelta.format._container import Header, parse_header, read_tensor
-from spdelta.format._fastcheck import entry_problems
+from spdelta.format._fastcheck import entry_problems, index_problems
 from spdelta.format._metadata import Found, TensorSpec, check_metadata
 from spdelta.format.codec import decode_indices
 from spdelta.format.constants import (
     INDEX_DTYPES,
     QUANTIZED_BITS,
     QUANTIZED_VALUE_DTYPES,
+    REPLACE,
+    REPLACE_VALUE_DTYPES,
     SCALE_DTYPE,
     VALUE_DTYPES,
 )
@@ -38,8 +41,8 @@ from spdelta.ops.quantize import QuantizedTensor, unpack_int4
 __all__ = ["Entry", "Scan", "read_entry", "scan_file", "stored_parts"]
 
 _PARTS = ("idx", "val", "scale")
-#: A decoded entry: raw values, or quantized codes and scales.
-Entry = DeltaTensor | QuantizedTensor
+#: A decoded entry: raw values, quantized codes and scales, or replacement values.
+Entry = DeltaTensor | QuantizedTensor | ReplaceTensor
 
 
 def stored_parts(spec: TensorSpec) -> tuple[str, ...]:
@@ -71,6 +74,7 @@ class Scan:
     problems: list[Found] = field(default_factory=list)
     entries: dict[str, DeltaTensor] = field(default_factory=dict)
     quantized: dict[str, QuantizedTensor] = field(default_factory=dict)
+    replaced: dict[str, ReplaceTensor] = field(default_factory=dict)
 
 
 def _tensor_set(header: Header, specs: dict[str, TensorSpec], declared: set[str]) -> list[Found]:
@@ -110,6 +114,8 @@ def _tensor_set(header: Header, specs: dict[str, TensorSpec], declared: set[str]
 
 def _value_layout(spec: TensorSpec) -> tuple[str, int, int]:
     """Expected ``::val`` dtype, ``::val`` length and ``::scale`` length (-1: no scales)."""
+    if spec.value_encoding == REPLACE:
+        return "/".join(REPLACE_VALUE_DTYPES), spec.nnz, -1
     if spec.value_encoding not in QUANTIZED_BITS:
         return "/".join(VALUE_DTYPES), spec.nnz, -1
     assert spec.block_size is not None  # checked by V4
@@ -153,7 +159,7 @@ def _header_checks(name: str, spec: TensorSpec, header: Header) -> list[FormatEr
                 f"{val.shape[0]} elements, expected {n_val} (spec §7 V7); re-create the file."
             )
         )
-    if scale is not None and scale.shape[0] != n_scale:
+    if scale is not None and n_scale >= 0 and scale.shape[0] != n_scale:  # stray scale: V5
         out.append(
             LengthError(
                 f"{name!r}: nnz={spec.nnz} with block_size={spec.block_size} needs {n_scale} "
@@ -219,8 +225,9 @@ def read_entry(
     """Read, decode and check (V7-V10) one entry whose header checks passed.
 
     Returns:
-        ``(entry, problems)``: a ``DeltaTensor`` (raw values) or a ``QuantizedTensor``
-        (codes and scales), or ``None`` with the problems found.
+        ``(entry, problems)``: a ``DeltaTensor`` (raw values), a ``QuantizedTensor``
+        (codes and scales) or a ``ReplaceTensor`` (values in the base's dtype, any bits),
+        or ``None`` with the problems found.
     """
     codes = read_tensor(f, header, f"{name}{SEPARATOR}idx")
     values = read_tensor(f, header, f"{name}{SEPARATOR}val")
@@ -231,13 +238,18 @@ def read_entry(
     found = _gap_checks(name, spec, codes, indices.numel()) if gap else []
     if found:
         return None, found
-    check_values = values if scales is None else torch.zeros(spec.nnz)
-    # gap streams decode strictly increasing: only the range needs checking
-    found = entry_problems(name, spec.shape, indices, check_values, increasing=gap)
+    # gap streams decode strictly increasing: only the range needs checking; V10 concerns
+    # raw values only (quantized codes are checked below, replacement values are any bits)
+    if scales is not None or spec.value_encoding == REPLACE:
+        found = index_problems(name, spec.shape, indices, increasing=gap)
+    else:
+        found = entry_problems(name, spec.shape, indices, values, increasing=gap)
     if scales is not None:
         found += _code_checks(name, spec, values, scales)
     if found:
         return None, found
+    if spec.value_encoding == REPLACE:
+        return ReplaceTensor(spec.shape, indices, values), []
     if scales is None:
         return DeltaTensor(spec.shape, indices, values), []
     bits = QUANTIZED_BITS[spec.value_encoding]
@@ -249,6 +261,8 @@ def _read_entry(f: BinaryIO, header: Header, scan: Scan, name: str) -> None:
     entry, found = read_entry(f, header, name, scan.specs[name])
     if isinstance(entry, QuantizedTensor):
         scan.quantized[name] = entry
+    elif isinstance(entry, ReplaceTensor):
+        scan.replaced[name] = entry
     elif entry is not None:
         scan.entries[name] = entry
     scan.problems += [(name, e) for e in found]

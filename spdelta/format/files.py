@@ -33,10 +33,11 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
 
+from spdelta._replace import Entry, ReplaceTensor
 from spdelta.delta import DeltaTensor, numel_of
-from spdelta.errors import BaseMismatchError, ShapeError, SpdeltaWarning
+from spdelta.errors import BaseMismatchError, CompositionError, ShapeError, SpdeltaWarning
+from spdelta.format._chain import chain_keys, is_chain
 from spdelta.format.constants import (
     KEY_BASE_MISMATCH,
     KEY_BASE_MODEL,
@@ -46,7 +47,7 @@ from spdelta.format.constants import (
     KEY_REVISION,
 )
 from spdelta.format.stream import DeltaReader, DeltaWriter
-from spdelta.ops import merge_tensor, union_sum
+from spdelta.ops import merge_tensor, sequence_tensor
 from spdelta.ops._common import check_finite_result
 from spdelta.ops.quantize import QuantizedTensor, dequantize_tensor, quantize_tensor
 
@@ -108,6 +109,12 @@ def check_inputs(readers: Sequence[DeltaReader], *, allow_base_mismatch: bool = 
     Warns:
         SpdeltaWarning: Some inputs carry a base key and others do not.
     """
+    shapes = _shapes(readers)
+    return {"shapes": shapes, "base": _base_keys(readers, allow_base_mismatch)}
+
+
+def _shapes(readers: Sequence[DeltaReader]) -> dict[str, tuple[int, ...]]:
+    """Union of tensor names -> shape; ``ShapeError`` when two inputs disagree on one."""
     shapes: dict[str, tuple[int, ...]] = {}
     bad: list[str] = []
     for r in readers:
@@ -121,8 +128,7 @@ def check_inputs(readers: Sequence[DeltaReader], *, allow_base_mismatch: bool = 
             + "; ".join(bad[:10])
             + ". Combine only deltas made for one base model."
         )
-    base = _base_keys(readers, allow_base_mismatch)
-    return {"shapes": dict(sorted(shapes.items())), "base": base}
+    return dict(sorted(shapes.items()))
 
 
 def _base_keys(readers: Sequence[DeltaReader], allow_mismatch: bool) -> dict[str, str]:
@@ -183,11 +189,36 @@ def _provenance(
     return json.dumps(record, sort_keys=True, separators=(",", ":"))
 
 
+def _read_any(reader: DeltaReader, name: str) -> Entry:
+    """One entry: additive (quantized values dequantized) or replacing."""
+    entry = reader.read_entry(name)
+    return entry if isinstance(entry, ReplaceTensor) else reader.read(name)
+
+
+def _plan(readers: Sequence[DeltaReader], operation: str, allow: bool) -> dict[str, Any]:
+    """Shapes and output base keys: a chain of patches composes by its links (spec §6.5)."""
+    metas = [r.raw_metadata for r in readers]
+    if operation == "compose" and is_chain(metas):
+        labels = [os.path.basename(r.path) for r in readers]
+        base = chain_keys(list(zip(labels, metas, strict=True)), allow_mismatch=allow)
+        return {"shapes": _shapes(readers), "base": base}
+    if operation != "compose":
+        for r in readers:
+            replaced = [n for n in r.names if r.info(n).value_encoding == "replace"]
+            if replaced:
+                raise CompositionError(
+                    f"{r.path}: {replaced[0]!r} is a replacement tensor; merge methods "
+                    "combine additive deltas only (spec §6.5). Use compose to apply patches "
+                    "in sequence."
+                )
+    return check_inputs(readers, allow_base_mismatch=allow)
+
+
 def _combine_files(
     operation: str,
     paths: Sequence[str | os.PathLike[str]],
     output: str | os.PathLike[str],
-    kernel: Callable[[str, list[DeltaTensor | None], int], tuple[Tensor, Tensor]],
+    kernel: Callable[[str, list[Entry | None], int], Entry],
     parameters: dict[str, Any],
     *,
     overwrite: bool,
@@ -197,7 +228,7 @@ def _combine_files(
 ) -> Report:
     """Shared loop of merge and compose: one output tensor per name of any input."""
     with _open_all(paths) as readers:
-        plan = check_inputs(readers, allow_base_mismatch=allow_base_mismatch)
+        plan = _plan(readers, operation, allow_base_mismatch)
         report: Report = {
             "operation": operation,
             "inputs": [os.fspath(p) for p in paths],
@@ -213,11 +244,11 @@ def _combine_files(
         nnz = 0
         with DeltaWriter(output, metadata=meta, overwrite=overwrite) as writer:
             for name, shape in plan["shapes"].items():
-                entries = [r.read(name) if name in r else None for r in readers]
-                i, v = kernel(name, entries, numel_of(shape))
+                entries = [_read_any(r, name) if name in r else None for r in readers]
+                out = kernel(name, entries, numel_of(shape))
                 del entries  # keep only the output tensor alive while writing
-                writer.write(name, DeltaTensor(shape, i, v))
-                nnz += i.numel()
+                writer.write(name, out)
+                nnz += out.nnz
         return {**report, "written": True, "nnz": nnz, "output_bytes": os.path.getsize(output)}
 
 
@@ -275,13 +306,13 @@ def merge_files(
     )  # validates the arguments up front
     parameters = {"method": method, "weights": weights, "density": density, "seed": seed, **params}
 
-    def kernel(name: str, entries: list[DeltaTensor | None], numel: int) -> tuple[Tensor, Tensor]:
+    def kernel(name: str, entries: list[Entry | None], numel: int) -> Entry:
         present = [e for e in entries if e is not None]
         empty_i = torch.zeros(0, dtype=torch.long)
         empty_v = torch.zeros(0, dtype=present[0].values.dtype)
         idx = [e.indices if e is not None else empty_i for e in entries]
         val = [e.values if e is not None else empty_v for e in entries]
-        return merge_tensor(
+        i, v = merge_tensor(
             name,
             idx,
             val,
@@ -292,6 +323,7 @@ def merge_files(
             seed=seed,
             **params,
         )
+        return DeltaTensor(present[0].shape, i, v)
 
     return _combine_files(
         "merge",
@@ -315,17 +347,30 @@ def compose_files(
     command: str | None = None,
     dry_run: bool = False,
 ) -> Report:
-    """Sum delta files tensor by tensor (:func:`spdelta.ops.compose`, streamed).
+    """Compose delta files in order, tensor by tensor (spec §6.5), streamed.
 
-    Arguments, result and errors are those of :func:`merge_files`.
+    Additive deltas are summed (:func:`spdelta.ops.compose`). With replacement tensors
+    (format 1.3) the inputs apply in the given order: a later replacement wins, an
+    addition after a replacement is added to it, and compositions that depend on the
+    base are refused (:func:`spdelta.ops.then_tensor`). When some input carries a result
+    fingerprint, the inputs must be consecutive steps of a chain (each applies to what the
+    one before gives); the output applies to the first input's base and gives the last
+    one's result.
+
+    Arguments and result are those of :func:`merge_files`.
+
+    Raises:
+        CompositionError: A tensor's composition depends on the base (spec §6.5).
+        BaseMismatchError: Inputs made for different bases, or a chain out of order.
+        ShapeError, FormatError, OutputExistsError: As :func:`merge_files`.
     """
 
-    def kernel(name: str, entries: list[DeltaTensor | None], numel: int) -> tuple[Tensor, Tensor]:
-        present = [e for e in entries if e is not None]
-        i, v = union_sum([e.indices for e in present], [e.values for e in present])
-        check_finite_result(name, v, "the sum of the inputs",
-                            "scale the inputs down (spdelta merge --weights)")
-        return i, v
+    def kernel(name: str, entries: list[Entry | None], numel: int) -> Entry:
+        out = sequence_tensor(name, entries)
+        if isinstance(out, DeltaTensor):
+            check_finite_result(name, out.values, "the sum of the inputs",
+                                "scale the inputs down (spdelta merge --weights)")
+        return out
 
     return _combine_files(
         "compose",
@@ -378,7 +423,7 @@ def quantize_file(
         meta = _carried(reader, "quantize", input, parameters, command)
         with DeltaWriter(output, metadata=meta, overwrite=overwrite) as writer:
             for name in reader.names:
-                e = reader.read(name)
+                e = reader.read(name)  # refuses replacement tensors: they stay exact
                 codes, scales = quantize_tensor(e.values, bits=bits, block_size=block_size)
                 writer.write(
                     name, QuantizedTensor(e.shape, e.indices, codes, scales, bits, block_size)
@@ -438,7 +483,9 @@ def convert_file(
             value_dtype=value_dtype,
         ) as writer:
             for name in reader.names:
-                entry = reader.read_entry(name) if value_dtype is None else reader.read(name)
+                entry = reader.read_entry(name)
+                if value_dtype is not None and not isinstance(entry, ReplaceTensor):
+                    entry = reader.read(name)  # dequantized, then cast by the writer
                 writer.write(name, entry)
         tensors = len(reader.names)
     return {

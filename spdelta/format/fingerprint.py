@@ -47,6 +47,7 @@ __all__ = [
     "legacy_positions",
     "legacy_sample",
     "sample_positions",
+    "sample_record",
     "tensor_record",
 ]
 
@@ -88,6 +89,28 @@ def sample_positions(numel: int, k: int = SAMPLES) -> list[int]:
 def _head(name: str, dtype: str, shape: Iterable[int], samples: int) -> bytes:
     doc = {"dtype": dtype, "name": name, "samples": samples, "shape": list(shape)}
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode() + b"\n"
+
+
+def sample_record(name: str, dtype: str, shape: Iterable[int], samples: bytes) -> bytes:
+    """A tensor's record from the stored bytes of its elements at :func:`sample_positions`.
+
+    For streaming tools that see the tensor a window at a time and keep only the samples.
+
+    Args:
+        name: The tensor's name in the checkpoint.
+        dtype: Its safetensors dtype name, e.g. ``"BF16"``.
+        shape: Its shape.
+        samples: The little-endian bytes of the sampled elements, in position order.
+
+    Example:
+        >>> t = torch.arange(5.0)
+        >>> sample_record("w", "F32", [5], t.numpy().tobytes()) == tensor_record("w", t)
+        True
+    """
+    n = 1
+    for s in shape:
+        n *= s
+    return _head(name, dtype, shape, min(SAMPLES, n)) + samples
 
 
 def tensor_record(name: str, t: Tensor) -> bytes:

@@ -9,6 +9,7 @@ from types import MappingProxyType
 
 import torch
 
+from spdelta._replace import Entry, Patch
 from spdelta.delta import SEPARATOR, DeltaTensor, SparseDelta, _combine
 from spdelta.errors import ParameterError
 from spdelta.format._container import Header
@@ -17,7 +18,7 @@ from spdelta.format._scan import Scan, scan_file
 from spdelta.format.constants import EXT_PREFIX, KEY_TENSORS, KEY_VERSION, KNOWN_KEYS, PREFIX
 from spdelta.ops.quantize import QuantizedDelta, dequantize_tensor
 
-__all__ = ["TensorInfo", "load_delta", "load_quantized", "read_header"]
+__all__ = ["TensorInfo", "load_delta", "load_patch", "load_quantized", "read_header"]
 
 
 @dataclass(frozen=True)
@@ -28,9 +29,11 @@ class TensorInfo:
         shape: Dense shape of the tensor the delta applies to.
         nnz: Number of stored entries.
         index_encoding: ``"gap8"``, ``"gap16"``, ``"abs32"`` or ``"abs64"``.
-        value_encoding: ``"raw"``, or (format 1.1) ``"int8"`` / ``"int4"``.
+        value_encoding: ``"raw"``, (format 1.1) ``"int8"`` / ``"int4"``, or (format 1.3)
+            ``"replace"``.
         value_dtype: safetensors dtype of the stored ``::val`` tensor: ``"F16"``, ``"BF16"``,
-            ``"F32"``, ``"F64"`` (raw), ``"I8"`` (int8 codes) or ``"U8"`` (packed int4 codes).
+            ``"F32"``, ``"F64"`` (raw), ``"I8"`` (int8 codes), ``"U8"`` (packed int4 codes),
+            or for ``replace`` the base tensor's dtype (e.g. ``"BF16"``, ``"I64"``).
         index_nbytes: Bytes of the stored ``::idx`` tensor.
         value_nbytes: Bytes of the stored ``::val`` tensor.
         block_size: Values per scale for a quantized encoding, else ``None``.
@@ -105,6 +108,8 @@ def load_delta(path: str | os.PathLike[str], *, device: torch.device | str = "cp
     Raises:
         FormatError: A subclass for the first broken rule of spec §7 (``ContainerError``,
             ``VersionError``, ``IndexRangeError``...); its message lists every problem (max 10).
+        ParameterError: The file holds replacement tensors (format 1.3): use
+            :func:`load_patch`.
         OSError: The file cannot be opened or read.
 
     Example:
@@ -121,15 +126,64 @@ def load_delta(path: str | os.PathLike[str], *, device: torch.device | str = "cp
     scan = scan_file(path)
     _raise_if_problems(scan, path)
     assert scan.header is not None  # no problems means the header parsed
+    if scan.replaced:
+        raise ParameterError(
+            f"{os.fspath(path)}: {sorted(scan.replaced)[0]!r} is a replacement tensor "
+            "(value_encoding 'replace', format 1.3), which a SparseDelta cannot hold; load "
+            "the file with spdelta.patch.load_patch, or apply it with spdelta apply."
+        )
+    entries = _additive(scan)
+    meta = _user_metadata(scan.header.metadata or {}, scan.newer)
+    delta = SparseDelta._trusted(dict(sorted(entries.items())), meta)
+    return delta if torch.device(device).type == "cpu" else delta.to(device)
+
+
+def _additive(scan: Scan) -> dict[str, DeltaTensor]:
+    """The scan's raw entries and its quantized ones dequantized to float32."""
     entries = dict(scan.entries)
     for name, q in scan.quantized.items():
         values = dequantize_tensor(
             q.codes, q.scales, nnz=q.nnz, bits=q.bits, block_size=q.block_size
         )
         entries[name] = DeltaTensor(q.shape, q.indices, values)
-    meta = _user_metadata(scan.header.metadata or {}, scan.newer)
-    delta = SparseDelta._trusted(dict(sorted(entries.items())), meta)
-    return delta if torch.device(device).type == "cpu" else delta.to(device)
+    return entries
+
+
+def load_patch(path: str | os.PathLike[str], *, device: torch.device | str = "cpu") -> Patch:
+    """Load and fully validate any delta file as a :class:`~spdelta.patch.Patch`.
+
+    Replacement tensors (format 1.3) keep their stored dtype and bits; additive tensors
+    are ``DeltaTensor`` entries as :func:`load_delta` returns them (quantized values
+    dequantized to float32). The metadata is :func:`load_delta`'s.
+
+    Args:
+        path: The file.
+        device: Where to put indices and values.
+
+    Returns:
+        The patch, with ``base_fingerprint`` / ``result_fingerprint`` from the metadata.
+
+    Raises:
+        FormatError: As for :func:`load_delta`.
+        OSError: The file cannot be opened or read.
+
+    Example:
+        >>> import os, tempfile, torch
+        >>> from spdelta.patch import Patch, ReplaceTensor
+        >>> from spdelta.format import save_delta
+        >>> path = os.path.join(tempfile.mkdtemp(), "p.safetensors")
+        >>> nan = torch.tensor([float("nan")], dtype=torch.bfloat16)
+        >>> save_delta(Patch({"w": ReplaceTensor((4,), torch.tensor([2]), nan)}), path)
+        >>> back = load_patch(path)
+        >>> back["w"].values.dtype, back["w"].values.isnan().tolist()
+        (torch.bfloat16, [True])
+    """
+    scan = scan_file(path)
+    _raise_if_problems(scan, path)
+    assert scan.header is not None
+    entries: dict[str, Entry] = {**_additive(scan), **scan.replaced}
+    patch = Patch._trusted(entries, _user_metadata(scan.header.metadata or {}, scan.newer))
+    return patch if torch.device(device).type == "cpu" else patch.to(device)
 
 
 def load_quantized(path: str | os.PathLike[str]) -> QuantizedDelta:
@@ -162,10 +216,12 @@ def load_quantized(path: str | os.PathLike[str]) -> QuantizedDelta:
     scan = scan_file(path)
     _raise_if_problems(scan, path)
     assert scan.header is not None
-    if scan.entries:
+    if scan.entries or scan.replaced:
+        found = [(n, "raw") for n in scan.entries] + [(n, "replace") for n in scan.replaced]
+        name, enc = min(found)
         raise ParameterError(
             f"{os.fspath(path)}: load_quantized needs quantized tensors only; "
-            f"{sorted(scan.entries)[0]!r} has value_encoding 'raw'. Use load_delta."
+            f"{name!r} has value_encoding {enc!r}. Use load_delta or load_patch."
         )
     q = QuantizedDelta.__new__(QuantizedDelta)  # trusted: validated by the scan
     q._tensors = MappingProxyType(dict(sorted(scan.quantized.items())))

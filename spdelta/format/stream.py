@@ -37,11 +37,13 @@ from typing import BinaryIO
 import torch
 
 from spdelta._io import atomic_write, claim, open_input, user_os_error
+from spdelta._replace import ReplaceTensor
 from spdelta.delta import DeltaTensor, _combine
 from spdelta.errors import OutputExistsError, ParameterError, SpdeltaError
 from spdelta.format._container import encode_header
 from spdelta.format._metadata import TensorSpec
 from spdelta.format._scan import Scan, read_entry, scan_file
+from spdelta.format.constants import KEY_PRODUCER
 from spdelta.format.read import TensorInfo, _raise_if_problems, _user_metadata, tensor_info
 from spdelta.format.write import encode_entry, finish_metadata, merged_metadata, sort_key
 from spdelta.ops.quantize import QuantizedTensor, dequantize_tensor
@@ -113,8 +115,9 @@ class DeltaReader:
             raise ParameterError(f"{self.path}: no tensor {name!r} in this delta file.")
         return self._scan.specs[name]
 
-    def read_entry(self, name: str) -> DeltaTensor | QuantizedTensor:
-        """Read and check one tensor as stored: raw values or quantized codes and scales.
+    def read_entry(self, name: str) -> DeltaTensor | QuantizedTensor | ReplaceTensor:
+        """Read and check one tensor as stored: raw values, quantized codes and scales, or
+        replacement values (format 1.3, in the base's dtype).
 
         Raises:
             FormatError: The tensor's data breaks V7-V10.
@@ -131,12 +134,18 @@ class DeltaReader:
         return entry
 
     def read(self, name: str) -> DeltaTensor:
-        """Read and check one tensor; quantized values are dequantized to float32.
+        """Read and check one additive tensor; quantized values are dequantized to float32.
 
         Raises:
             FormatError: The tensor's data breaks V7-V10.
-            ParameterError: No tensor ``name``; or the reader is closed.
+            ParameterError: No tensor ``name``; the reader is closed; or ``name`` is a
+                replacement tensor (use :meth:`read_entry`).
         """
+        if self._spec(name).value_encoding == "replace":
+            raise ParameterError(
+                f"{self.path}: {name!r} is a replacement tensor (value_encoding 'replace'), "
+                "not an additive delta; read it with read_entry, or use spdelta.patch."
+            )
         entry = self.read_entry(name)
         if isinstance(entry, QuantizedTensor):
             values = dequantize_tensor(
@@ -147,6 +156,7 @@ class DeltaReader:
                 block_size=entry.block_size,
             )
             return DeltaTensor(entry.shape, entry.indices, values)
+        assert isinstance(entry, DeltaTensor)  # replacement tensors were refused above
         return entry
 
     def close(self) -> None:
@@ -227,7 +237,20 @@ class DeltaWriter:
         """Names written so far, sorted."""
         return sorted(self._specs)
 
-    def write(self, name: str, entry: DeltaTensor | QuantizedTensor) -> None:
+    def update_metadata(self, metadata: Mapping[str, str]) -> None:
+        """Add or replace metadata keys before :meth:`close` (values known only at the end,
+        such as fingerprints computed while the tensors streamed through).
+
+        Raises:
+            MetadataError: Bad metadata (as ``save_delta``).
+            ParameterError: The writer is closed.
+        """
+        if self._spool is None:
+            raise ParameterError(f"{self.path}: the writer is closed.")
+        producer = {KEY_PRODUCER: self._meta[KEY_PRODUCER]}  # keep the one given on open
+        self._meta = merged_metadata(self._meta, {**producer, **metadata})
+
+    def write(self, name: str, entry: DeltaTensor | QuantizedTensor | ReplaceTensor) -> None:
         """Encode one tensor and spool its bytes; the entry is not kept.
 
         Raises:

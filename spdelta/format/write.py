@@ -10,12 +10,13 @@ import torch
 from torch import Tensor
 
 from spdelta._io import atomic_write
+from spdelta._replace import Patch, ReplaceTensor, check_replace, storable
 from spdelta.delta import SEPARATOR, DeltaTensor, SparseDelta, _combine, numel_of
 from spdelta.errors import DtypeError, FormatError, IndexRangeError, MetadataError
 from spdelta.format._container import encode_header
-from spdelta.format._fastcheck import entry_problems
+from spdelta.format._fastcheck import entry_problems, index_problems
 from spdelta.format._metadata import check_reserved
-from spdelta.format.codec import choose_encoding, encode_indices
+from spdelta.format.codec import encode_auto, encode_indices
 from spdelta.format.constants import (
     DTYPE_BITS,
     ENCODINGS,
@@ -26,10 +27,13 @@ from spdelta.format.constants import (
     KEY_VERSION,
     MAJOR,
     QUANTIZED_VALUE_DTYPES,
+    REPLACE,
     SCALE_DTYPE,
+    TORCH_DTYPES,
     min_minor,
 )
 from spdelta.ops.quantize import QuantizedDelta, QuantizedTensor
+from spdelta.types import Shape
 
 __all__ = ["encode_entry", "finish_metadata", "merged_metadata", "save_delta", "sort_key"]
 
@@ -68,9 +72,10 @@ def merged_metadata(base: Mapping[str, str], extra: Mapping[str, str] | None) ->
     return meta
 
 
-def _pick_encoding(name: str, indices: Tensor, numel: int, requested: str) -> str:
+def _encode(name: str, indices: Tensor, numel: int, requested: str) -> tuple[str, Tensor]:
+    """The index encoding (``auto``: the smallest) and the ``::idx`` codes."""
     if requested == "auto":
-        return choose_encoding(indices, numel)
+        return encode_auto(indices, numel)
     if requested not in ENCODINGS:
         raise MetadataError(
             f"save_delta: index_encoding must be 'auto' or one of {list(ENCODINGS)} "
@@ -81,7 +86,7 @@ def _pick_encoding(name: str, indices: Tensor, numel: int, requested: str) -> st
             f"{name!r}: abs32 indices cannot address {numel} elements "
             "(spec §7 V8); use index_encoding='abs64' or 'auto'."
         )
-    return requested
+    return requested, encode_indices(indices, requested)
 
 
 def _raw_parts(
@@ -96,17 +101,25 @@ def _raw_parts(
     found = entry_problems(name, e.shape, e.indices, values)
     if found:
         raise _combine(found)
-    encoding = _pick_encoding(name, e.indices, e.numel, index_encoding)
-    codes = encode_indices(e.indices, encoding)
+    return _index_and_values(name, e.shape, e.indices, index_encoding,
+                             _VALUE_NAMES[values.dtype], values, "raw")
+
+
+def _index_and_values(
+    name: str, shape: Shape, indices: Tensor, index_encoding: str, value_dtype: str,
+    values: Tensor, value_encoding: str,
+) -> tuple[list[Part], dict[str, object]]:
+    """The ``::idx`` and ``::val`` parts and the header entry of a raw or replace tensor."""
+    encoding, codes = _encode(name, indices, numel_of(shape), index_encoding)
     parts = [
         (f"{name}{SEPARATOR}idx", INDEX_DTYPES[encoding], codes),
-        (f"{name}{SEPARATOR}val", _VALUE_NAMES[values.dtype], values),
+        (f"{name}{SEPARATOR}val", value_dtype, values),
     ]
     spec = {
         "index_encoding": encoding,
-        "nnz": e.nnz,
-        "shape": list(e.shape),
-        "value_encoding": "raw",
+        "nnz": int(indices.numel()),
+        "shape": list(shape),
+        "value_encoding": value_encoding,
     }
     return parts, spec
 
@@ -115,10 +128,10 @@ def _quantized_parts(
     name: str, t: QuantizedTensor, index_encoding: str
 ) -> tuple[list[Part], dict[str, object]]:
     QuantizedDelta({name: t})  # full layout check of the tensor (raises a FormatError)
-    encoding = _pick_encoding(name, t.indices, numel_of(t.shape), index_encoding)
+    encoding, codes = _encode(name, t.indices, numel_of(t.shape), index_encoding)
     value_encoding = "int8" if t.bits == 8 else "int4"
     parts = [
-        (f"{name}{SEPARATOR}idx", INDEX_DTYPES[encoding], encode_indices(t.indices, encoding)),
+        (f"{name}{SEPARATOR}idx", INDEX_DTYPES[encoding], codes),
         (f"{name}{SEPARATOR}val", QUANTIZED_VALUE_DTYPES[value_encoding], t.codes.cpu()),
         (f"{name}{SEPARATOR}scale", SCALE_DTYPE, t.scales.detach().cpu().contiguous()),
     ]
@@ -132,18 +145,39 @@ def _quantized_parts(
     return parts, spec
 
 
+_STORED_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
+
+
+def _replace_parts(
+    name: str, t: ReplaceTensor, index_encoding: str
+) -> tuple[list[Part], dict[str, object]]:
+    found = [] if storable(t.values.dtype) and t.values.shape == t.indices.shape else (
+        check_replace(name, t.shape, t.indices, t.values))
+    found = found or index_problems(name, t.shape, t.indices)
+    if found:
+        raise _combine(found)
+    values = t.values.detach().to("cpu").contiguous()  # the bits, in the base's dtype
+    return _index_and_values(name, t.shape, t.indices, index_encoding,
+                             _STORED_NAMES[values.dtype], values, REPLACE)
+
+
 def encode_entry(
     name: str,
-    entry: DeltaTensor | QuantizedTensor,
+    entry: DeltaTensor | QuantizedTensor | ReplaceTensor,
     *,
     index_encoding: str = "auto",
     value_dtype: torch.dtype | None = None,
 ) -> tuple[list[Part], dict[str, object]]:
     """Stored tensors ``(key, dtype name, tensor)`` and the ``spdelta.tensors`` entry of one tensor.
 
+    ``value_dtype`` casts raw (additive) values only: replacement values always keep the
+    base's dtype and bits.
+
     Raises:
         FormatError: A subclass, when the entry breaks a rule of spec §7.
     """
+    if isinstance(entry, ReplaceTensor):
+        return _replace_parts(name, entry, index_encoding)
     if isinstance(entry, QuantizedTensor):
         if value_dtype is not None:
             raise DtypeError(
@@ -155,7 +189,7 @@ def encode_entry(
 
 
 def _encode_entries(
-    delta: SparseDelta | QuantizedDelta,
+    delta: SparseDelta | QuantizedDelta | Patch,
     index_encoding: str,
     value_dtype: torch.dtype | None,
 ) -> tuple[list[Part], dict[str, dict[str, object]]]:
@@ -194,7 +228,7 @@ def sort_key(key: str, dtype: str) -> tuple[int, str]:
 
 
 def save_delta(
-    delta: SparseDelta | QuantizedDelta,
+    delta: SparseDelta | QuantizedDelta | Patch,
     path: str | os.PathLike[str],
     *,
     metadata: Mapping[str, str] | None = None,
@@ -207,19 +241,24 @@ def save_delta(
     The file is a safetensors file holding ``<name>::idx`` and ``<name>::val`` per
     tensor (and ``<name>::scale`` for a quantized one). Output is deterministic: the same
     delta and metadata give the same bytes. Stored data is ordered by item size, then
-    name, so every tensor is aligned. The file is labelled format ``1.0`` unless it holds
-    quantized values (a ``QuantizedDelta``), which need ``1.1`` (spec §8).
+    name, so every tensor is aligned. The file is labelled with the lowest version whose
+    features it uses (spec §8): ``1.0``; ``1.1`` with quantized values (a
+    ``QuantizedDelta``); ``1.3`` with replacement tensors or a result fingerprint (a
+    :class:`~spdelta.patch.Patch`).
 
     Args:
-        delta: The delta to write: a ``SparseDelta``, or a ``QuantizedDelta`` from
-            :func:`spdelta.ops.quantize` (int8 / int4 codes with per-block float32 scales).
+        delta: The delta to write: a ``SparseDelta``, a ``QuantizedDelta`` from
+            :func:`spdelta.ops.quantize` (int8 / int4 codes with per-block float32 scales),
+            or a :class:`~spdelta.patch.Patch` (replacement tensors stored in their own
+            dtype, bit for bit, and additive ones).
         path: Destination file (conventionally ``*.safetensors``).
         metadata: ``str -> str`` keys merged over ``delta.metadata``. ``spdelta.producer``
             defaults to ``"spdelta <version>"`` unless given here.
         index_encoding: ``"auto"`` (smallest of gap8/gap16/abs32/abs64 per tensor by exact
             byte count) or one of ``"gap8"``, ``"gap16"``, ``"abs32"``, ``"abs64"``.
-        value_dtype: Cast the values to this dtype (float16, bfloat16, float32, float64)
-            before writing; ``None`` keeps each tensor's dtype.
+        value_dtype: Cast the additive values to this dtype (float16, bfloat16, float32,
+            float64) before writing; ``None`` keeps each tensor's dtype. Replacement
+            values are never cast.
         overwrite: Replace an existing file; when false, raise ``OutputExistsError``.
 
     Raises:

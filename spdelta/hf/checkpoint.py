@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from spdelta._io import check_regular, claim, make_temp_dir, refuse_overlap, user_os_error
+from spdelta._replace import refuse_patch
 from spdelta.delta import SparseDelta
 from spdelta.errors import (
     BaseMismatchError,
@@ -307,6 +308,7 @@ def apply_to_checkpoint(
         >>> load_file(dst + "/model.safetensors")["w"].tolist()
         [0.0, 1.0]
     """
+    refuse_patch(delta, "apply_to_checkpoint", "spdelta.patch.apply_patch")
     check_alpha(alpha)
     root, out_path = Path(base), Path(out)
     shards = checkpoint_shards(root)

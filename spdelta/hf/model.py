@@ -11,6 +11,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from spdelta._replace import refuse_patch
 from spdelta.delta import SparseDelta
 from spdelta.errors import (
     BaseMismatchError,
@@ -313,6 +314,7 @@ def apply_to_model(
         >>> apply_to_model(model, d).weight.tolist()
         [[0.0, 3.0], [0.0, 0.0]]
     """
+    refuse_patch(delta, "apply_to_model", "spdelta.patch.apply_")
     if check_base:
         _check_base(model, delta)
     _APPLIED.setdefault(model, []).append(_add(model, model_delta(model, delta), alpha))

@@ -28,6 +28,7 @@ from spdelta.ops.quantize import (
     quantize_tensor,
     unpack_int4,
 )
+from spdelta.ops.sequence import sequence_tensor, then_tensor
 from spdelta.ops.sparsify import drop_random, trim_magnitude, trim_outliers
 
 __all__ = [
@@ -51,7 +52,9 @@ __all__ = [
     "quantize",
     "quantize_tensor",
     "scale",
+    "sequence_tensor",
     "tensor_seed",
+    "then_tensor",
     "trim_magnitude",
     "trim_outliers",
     "union_sum",

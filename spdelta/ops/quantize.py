@@ -23,14 +23,14 @@ stores exactly these fields):
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from types import MappingProxyType
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from spdelta.delta import DeltaTensor, SparseDelta, check_entry
+from spdelta.delta import DeltaTensor, EntryMap, SparseDelta, check_entry
 from spdelta.errors import DtypeError, KeyMismatchError, LengthError, ParameterError, ShapeError
 from spdelta.types import Shape
 
@@ -98,7 +98,7 @@ def _check_tensor(name: str, t: QuantizedTensor) -> None:
                          "found the reserved code -128 / -8.")
 
 
-class QuantizedDelta:
+class QuantizedDelta(EntryMap[QuantizedTensor]):
     """An immutable map from tensor name to :class:`QuantizedTensor`, plus metadata.
 
     Args:
@@ -115,7 +115,7 @@ class QuantizedDelta:
         ([147], True)
     """
 
-    __slots__ = ("_tensors", "_metadata")
+    __slots__ = ()
 
     def __init__(self, tensors: Mapping[str, QuantizedTensor], *,
                  metadata: Mapping[str, str] | None = None) -> None:
@@ -124,31 +124,6 @@ class QuantizedDelta:
         entries = {n: QuantizedTensor(*t) for n, t in sorted(tensors.items())}
         self._tensors = MappingProxyType(entries)
         self._metadata = MappingProxyType(dict(metadata or {}))
-
-    def __getitem__(self, name: str) -> QuantizedTensor:
-        return self._tensors[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._tensors)
-
-    def __len__(self) -> int:
-        return len(self._tensors)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._tensors
-
-    def keys(self) -> list[str]:
-        """Tensor names, sorted."""
-        return list(self._tensors)
-
-    def items(self) -> list[tuple[str, QuantizedTensor]]:
-        """``(name, QuantizedTensor)`` pairs, sorted by name."""
-        return list(self._tensors.items())
-
-    @property
-    def metadata(self) -> dict[str, str]:
-        """A copy of the metadata."""
-        return dict(self._metadata)
 
     def __repr__(self) -> str:
         nnz = sum(t.nnz for t in self._tensors.values())

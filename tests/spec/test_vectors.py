@@ -13,7 +13,14 @@ import torch
 from safetensors import safe_open
 
 from spdelta import errors
-from spdelta.format import load_delta, load_quantized, read_header, save_delta, validate_file
+from spdelta.format import (
+    load_delta,
+    load_patch,
+    load_quantized,
+    read_header,
+    save_delta,
+    validate_file,
+)
 from spdelta.format.constants import (
     ENCODINGS,
     KEY_TENSORS,
@@ -23,6 +30,7 @@ from spdelta.format.constants import (
     VALUE_ENCODINGS,
 )
 from spdelta.ops import unpack_int4
+from spdelta.patch import ReplaceTensor, bit_view
 
 ROOT = Path(__file__).resolve().parents[2]
 VECTORS = ROOT / "spec" / "vectors"
@@ -50,6 +58,7 @@ def _loaded_metadata(meta: dict[str, str], newer: bool) -> dict[str, str]:
         "spdelta.base_model",
         "spdelta.base_model.revision",
         "spdelta.base_model.fingerprint",
+        "spdelta.result.fingerprint",
         "spdelta.producer",
         "spdelta.provenance",
         "spdelta.training",
@@ -64,7 +73,40 @@ def _loaded_metadata(meta: dict[str, str], newer: bool) -> dict[str, str]:
     return out
 
 
-@pytest.mark.parametrize("case", VALID)
+def _replaced(case: str) -> bool:
+    tensors = _expected("valid", case)["tensors"].values()
+    return any(t.get("value_encoding") == "replace" for t in tensors)
+
+
+def _unsigned(values: torch.Tensor) -> list[int]:
+    """Each value's bits as an unsigned integer (the ``bits`` of a replacement vector)."""
+    b = bit_view(values).long()
+    return (b & (2 ** (8 * values.element_size()) - 1) if values.element_size() < 8 else b).tolist()
+
+
+@pytest.mark.parametrize("case", [c for c in VALID if _replaced(c)])
+def test_replacement_vector_decodes_bit_for_bit(case: str) -> None:
+    path = VECTORS / "valid" / f"{case}.safetensors"
+    exp = _expected("valid", case)
+    assert validate_file(path) == []
+    patch = load_patch(path)
+    assert patch.keys() == sorted(exp["tensors"])
+    for name, t in exp["tensors"].items():
+        e = patch[name]
+        assert e.shape == tuple(t["shape"]) and e.indices.tolist() == t["indices"]
+        assert e.values.dtype == TORCH_DTYPES[t["value_dtype"]]
+        if t.get("value_encoding") == "replace":
+            assert isinstance(e, ReplaceTensor)
+            bits = _unsigned(e.values)
+            assert [b % 2**64 for b in bits] == t["bits"]
+        else:
+            assert e.values.double().tolist() == t["values"]
+    assert patch.metadata == _loaded_metadata(exp["metadata"], False)
+    with pytest.raises(errors.ParameterError, match="load_patch"):
+        load_delta(path)
+
+
+@pytest.mark.parametrize("case", [c for c in VALID if not _replaced(c)])
 def test_valid_vector_decodes(case: str) -> None:
     path = VECTORS / "valid" / f"{case}.safetensors"
     exp = _expected("valid", case)
@@ -102,7 +144,7 @@ def test_valid_vector_reads_with_safetensors(case: str) -> None:
         names = set(f.keys())
     tensors = _expected("valid", case)["tensors"]
     assert names == {f"{n}::{p}" for n in tensors for p in ("idx", "val")} | {
-        f"{n}::scale" for n, t in tensors.items() if t.get("value_encoding", "raw") != "raw"
+        f"{n}::scale" for n, t in tensors.items() if t.get("value_encoding") in ("int8", "int4")
     }
 
 
@@ -117,10 +159,10 @@ def _one_encoding(case: str) -> str | None:
 def test_canonical_vector_equals_save_delta_output(case: str, tmp_path: Path) -> None:
     src = VECTORS / "valid" / f"{case}.safetensors"
     quantized = any(
-        t.get("value_encoding", "raw") != "raw"
+        t.get("value_encoding") in ("int8", "int4")
         for t in _expected("valid", case)["tensors"].values()
     )
-    delta = load_quantized(src) if quantized else load_delta(src)
+    delta = load_quantized(src) if quantized else load_patch(src)
     out = tmp_path / "out.safetensors"
     save_delta(
         delta,
@@ -153,6 +195,8 @@ def test_every_rule_has_an_invalid_vector() -> None:
         if "scale" in c or "int" in c or "block" in c or "code" in c
     }
     assert quantized >= {"V4", "V5", "V6", "V7", "V10"}  # format 1.1 details have vectors
+    replace = {_expected("invalid", c)["rule"] for c in INVALID if "replace" in c or "result" in c}
+    assert replace >= {"V4", "V5", "V6", "V7"}  # format 1.3 details have vectors
 
 
 def test_vectors_are_tiny() -> None:
@@ -184,4 +228,11 @@ def test_schema_matches_constants() -> None:
     assert tuple(entry["index_encoding"]["enum"]) == ENCODINGS
     assert tuple(entry["value_encoding"]["enum"]) == VALUE_ENCODINGS
     assert "block_size" in entry
-    assert set(schema["properties"]) >= {KEY_VERSION, KEY_TENSORS}
+    assert set(schema["properties"]) >= {KEY_VERSION, KEY_TENSORS, "spdelta.result.fingerprint"}
+    assert f"format 1.{MINOR}" in schema["title"]
+
+
+def test_older_versions_still_read() -> None:
+    """Files labelled 1.0, 1.1 and 1.2 are among the vectors and read with this reader."""
+    versions = {_expected("valid", c)["metadata"][KEY_VERSION] for c in VALID}
+    assert versions >= {"1.0", "1.1", "1.2", "1.3"}

@@ -64,23 +64,27 @@ print(json.dumps({{"wall_s": wall,
 """
 
 
-def llama_shapes(scale: float) -> dict[str, tuple[int, ...]]:
-    """Llama-2-7B tensor names and shapes; ``scale`` < 1 keeps fewer decoder layers."""
+def llama_shapes(scale: float, hidden: int = HIDDEN, inter: int = INTER,
+                 vocab: int = VOCAB) -> dict[str, tuple[int, ...]]:
+    """Llama-2-7B tensor names and shapes; ``scale`` < 1 keeps fewer decoder layers.
+
+    ``hidden``, ``inter`` and ``vocab`` shrink the shapes for quick tests.
+    """
     layers = max(1, round(LAYERS * scale))
     shapes: dict[str, tuple[int, ...]] = {
-        "model.embed_tokens.weight": (VOCAB, HIDDEN),
-        "lm_head.weight": (VOCAB, HIDDEN),
-        "model.norm.weight": (HIDDEN,),
+        "model.embed_tokens.weight": (vocab, hidden),
+        "lm_head.weight": (vocab, hidden),
+        "model.norm.weight": (hidden,),
     }
     for i in range(layers):
         p = f"model.layers.{i}."
         for m in ("q", "k", "v", "o"):
-            shapes[f"{p}self_attn.{m}_proj.weight"] = (HIDDEN, HIDDEN)
-        shapes[f"{p}mlp.gate_proj.weight"] = (INTER, HIDDEN)
-        shapes[f"{p}mlp.up_proj.weight"] = (INTER, HIDDEN)
-        shapes[f"{p}mlp.down_proj.weight"] = (HIDDEN, INTER)
-        shapes[f"{p}input_layernorm.weight"] = (HIDDEN,)
-        shapes[f"{p}post_attention_layernorm.weight"] = (HIDDEN,)
+            shapes[f"{p}self_attn.{m}_proj.weight"] = (hidden, hidden)
+        shapes[f"{p}mlp.gate_proj.weight"] = (inter, hidden)
+        shapes[f"{p}mlp.up_proj.weight"] = (inter, hidden)
+        shapes[f"{p}mlp.down_proj.weight"] = (hidden, inter)
+        shapes[f"{p}input_layernorm.weight"] = (hidden,)
+        shapes[f"{p}post_attention_layernorm.weight"] = (hidden,)
     return shapes
 
 
