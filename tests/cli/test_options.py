@@ -43,7 +43,9 @@ def test_every_float_option_uses_a_checked_type() -> None:
         ("train", "--weight-decay"), ("train", "--epochs"), ("extract", "--density"),
         ("demo", "--lr"), ("demo", "--density")}
     others = {(c, o) for c, o, t in options if t not in CHECKED}
-    assert others == {("train", "--label-names"), ("extract", "--targets")}  # text, not numbers
+    assert others == {("train", "--label-names"), ("extract", "--targets"),  # text, not numbers
+                      ("diff", "--targets"), ("generate", "--delta"),
+                      ("diff", "--topk")}  # a whole count
 
 
 @pytest.mark.parametrize(("command", "option"),
