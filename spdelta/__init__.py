@@ -8,6 +8,7 @@ Example:
 """
 
 from spdelta import errors, ops, optim, salience, train
+from spdelta._version import __version__
 from spdelta.delta import DeltaTensor, SparseDelta
 from spdelta.format import FORMAT_VERSION, load_delta, read_header, save_delta, validate_file
 from spdelta.functional import apply_delta, make_loss_fn
@@ -15,8 +16,6 @@ from spdelta.ops import compose, dequantize, merge, quantize
 from spdelta.select import select_topk
 from spdelta.targets import resolve_targets
 from spdelta.train import speft, spiel
-
-__version__ = "0.1.0"
 
 __all__ = [
     "DeltaTensor",

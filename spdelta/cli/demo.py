@@ -13,7 +13,7 @@ NAME = "demo"
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``demo``."""
-    from spdelta.demo import DemoConfig
+    from spdelta.recipes.demo import DemoConfig
 
     d = DemoConfig()
     p = new_parser(
@@ -43,7 +43,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo with the parsed options; 0 on success."""
-    from spdelta.demo import DemoConfig, run_demo
+    from spdelta.recipes.demo import DemoConfig, run_demo
 
     fields = {f.name for f in dataclasses.fields(DemoConfig)}
     opts = {k: v for k, v in vars(args).items() if k in fields}

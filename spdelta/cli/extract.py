@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from spdelta import __version__
+from spdelta._version import __version__
 from spdelta.cli._common import VALUE_DTYPES, add_output, command_of, fraction, new_parser
 from spdelta.errors import OutputExistsError
 from spdelta.format import file_sha256, save_delta

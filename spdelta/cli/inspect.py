@@ -77,7 +77,8 @@ def _cell(key: str, value: Any) -> str:
     return str(value)
 
 
-def _print_text(info: dict[str, Any]) -> None:
+def print_text(info: dict[str, Any]) -> None:
+    """Print ``info`` (from :func:`describe`) as the table ``spdelta inspect`` shows."""
     print(f"{printable(info['file'])}: spdelta format {info['format_version']}")
     rows = [("name", *_COLUMNS)] + [
         (printable(name), *(_cell(k, t[k]) for k in _COLUMNS))
@@ -103,5 +104,5 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(info)
     else:
-        _print_text(info)
+        print_text(info)
     return 0

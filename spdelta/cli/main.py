@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from types import ModuleType
 from typing import Any
 
+from spdelta._version import __version__
 from spdelta.cli._common import printable
 from spdelta.errors import SpdeltaError, SpdeltaWarning
 from spdelta.quant.nf4 import torchao_hidden
@@ -48,8 +49,6 @@ def build_parser() -> argparse.ArgumentParser:
         >>> "merge" in build_parser().format_help()
         True
     """
-    from spdelta import __version__
-
     parser = argparse.ArgumentParser(
         prog="spdelta",
         description="Sparse deltas: inspect, validate, merge, compose, "

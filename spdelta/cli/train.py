@@ -6,7 +6,13 @@ import argparse
 import dataclasses
 from typing import Any
 
+import torch
+
 from spdelta.cli._common import fraction, new_parser, non_negative, positive, print_json
+from spdelta.optim import SCHEDULES
+from spdelta.recipes._job_config import TrainConfig
+from spdelta.salience import METRICS
+from spdelta.train import DEFAULT_LR
 
 NAME = "train"
 
@@ -17,11 +23,6 @@ def _names(text: str) -> tuple[str, ...]:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``train``."""
-    from spdelta.optim import SCHEDULES
-    from spdelta.salience import METRICS
-    from spdelta.train import DEFAULT_LR
-    from spdelta.train.job import TrainConfig
-
     d = TrainConfig(model="", data="", output="")
     p = new_parser(
         subparsers, NAME,
@@ -123,9 +124,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run the job; print a summary. 0 on success (also when stopped by ``--stop-after``)."""
-    import torch
-
-    from spdelta.train.job import TrainConfig, train_job
+    from spdelta.recipes.job import train_job  # lazy: transformers and datasets load here
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from spdelta._replace import Entry, ReplaceTensor
+from spdelta._version import __version__
 from spdelta.delta import DeltaTensor, numel_of
 from spdelta.errors import BaseMismatchError, CompositionError, ShapeError, SpdeltaWarning
 from spdelta.format._chain import chain_keys, is_chain
@@ -176,8 +177,6 @@ def _provenance(
     parameters: dict[str, Any],
     command: str | None,
 ) -> str:
-    from spdelta import __version__  # late: spdelta/__init__ imports this package
-
     inputs = [{"file": os.path.basename(os.fspath(p)), "sha256": file_sha256(p)} for p in paths]
     record = {
         "command": command,

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from spdelta._io import atomic_write
 from spdelta._replace import Patch, ReplaceTensor, check_replace, storable
+from spdelta._version import __version__
 from spdelta.delta import SEPARATOR, DeltaTensor, SparseDelta, _combine, numel_of
 from spdelta.errors import DtypeError, FormatError, IndexRangeError, MetadataError
 from spdelta.format._container import encode_header
@@ -63,8 +64,6 @@ def merged_metadata(base: Mapping[str, str], extra: Mapping[str, str] | None) ->
                 "(spec §7 V4); remove it from the metadata."
             )
     if extra is None or KEY_PRODUCER not in extra:
-        from spdelta import __version__  # late: spdelta/__init__ may import this module
-
         meta[KEY_PRODUCER] = f"spdelta {__version__}"
     problems = check_reserved(meta)
     if problems:

@@ -32,6 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from spdelta._version import __version__
 from spdelta.delta import DeltaTensor, SparseDelta
 from spdelta.errors import ParameterError, ShapeError, SpdeltaError, format_names
 from spdelta.format import file_sha256
@@ -174,8 +175,6 @@ def _import_metadata(
     root: Path, config: Mapping[str, Any], file_meta: Mapping[str, str]
 ) -> dict[str, str]:
     """The metadata :func:`export_shira` kept in the file, else base model and provenance."""
-    from spdelta import __version__  # late: spdelta/__init__ imports spdelta.hf
-
     if META_KEY in file_meta:
         try:
             meta = json.loads(file_meta[META_KEY])

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
-from tqdm.auto import tqdm
 
 from spdelta._io import _publish
+from spdelta._progress import tqdm
 from spdelta._replace import Entry, Patch, ReplaceTensor
 from spdelta.errors import (
     BaseMismatchError,

@@ -11,9 +11,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from spdelta._progress import tqdm
 from spdelta._replace import ReplaceTensor
+from spdelta._version import __version__
 from spdelta.delta import DeltaTensor, topk_indices
 from spdelta.errors import KeyMismatchError, ParameterError, ShapeError, format_names
 from spdelta.format import DeltaWriter
@@ -159,8 +160,6 @@ def lossy_entry(base: Source, tuned: Source, name: str, *, density: float | None
 
 def _provenance(base: Source, tuned: Source, fps: tuple[str, str], parameters: dict[str, Any],
                 command: str | None) -> str:
-    from spdelta import __version__  # late: spdelta/__init__ imports this package
-
     sides = (("base", base, fps[0]), ("tuned", tuned, fps[1]))
     inputs = [{"fingerprint": fp, "path": os.path.basename(os.path.normpath(src.path)),
                "role": role} for role, src, fp in sides]

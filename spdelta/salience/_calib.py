@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
-from tqdm.auto import tqdm
 
+from spdelta._progress import tqdm
 from spdelta.errors import SpdeltaError
 from spdelta.functional import accumulate_dtype
 from spdelta.types import Params

@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
 
-from tqdm.auto import tqdm
-
+from spdelta._progress import tqdm
 from spdelta.errors import SpdeltaError
 from spdelta.functional import LossFn
 from spdelta.kernels import eager_grad_and_value

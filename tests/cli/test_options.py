@@ -16,7 +16,7 @@ from spdelta.cli.main import build_parser
 from spdelta.errors import ParameterError
 from spdelta.format import save_delta
 from spdelta.hf import apply_to_model
-from spdelta.train.job import TrainConfig, train_job
+from spdelta.recipes.job import TrainConfig, train_job
 
 Capsys = pytest.CaptureFixture[str]
 CHECKED = {_common.finite, _common.fraction, _common.positive, _common.non_negative,

@@ -243,7 +243,7 @@ def test_sentiment_accuracy_on_cuda_equals_cpu(tiny_chat_lm_dir: str) -> None:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from spdelta.evaluate import sentiment_accuracy
+    from spdelta.recipes.evaluate import sentiment_accuracy
 
     tok = AutoTokenizer.from_pretrained(tiny_chat_lm_dir)
     rows = Dataset.from_dict({"text": ["a good film", "dull", "great fun", "bad", "ok"] * 3,

@@ -20,7 +20,7 @@ pytestmark = [
 
 def test_demo_trains_saves_and_applies(tmp_path: Path) -> None:
     from spdelta import validate_file
-    from spdelta.demo import DemoConfig, run_demo
+    from spdelta.recipes.demo import DemoConfig, run_demo
 
     lines: list[str] = []
     report = run_demo(

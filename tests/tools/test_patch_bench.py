@@ -20,7 +20,7 @@ BENCH = Path(__file__).resolve().parents[2] / "tools" / "bench" / "patch.py"
 def test_tiny_run_reports_every_figure(tmp_path: Path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from spdelta.hf.assets import smollm2_checkpoint
+    from spdelta.recipes.assets import smollm2_checkpoint
 
     tokenizer = smollm2_checkpoint()
     cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -9,10 +9,10 @@ import torch
 from torch import Tensor
 
 from spdelta import make_loss_fn
-from spdelta.data import encode_prompt_response
 from spdelta.errors import ParameterError
 from spdelta.kernels import eager_grad_and_value
 from spdelta.optim import sm3
+from spdelta.recipes.data import encode_prompt_response
 from spdelta.train import (
     MicroBatches,
     accumulate,

@@ -193,8 +193,8 @@ def _direct_accuracy(model_dir: str, delta: Path, rows: list[tuple[str, int]],
     """Count by hand: each row, each label's response scored alone (no padding), argmax."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from spdelta.data import encode_prompt_response
     from spdelta.hf import apply_to_model
+    from spdelta.recipes.data import encode_prompt_response
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = apply_to_model(AutoModelForCausalLM.from_pretrained(model_dir).eval(),

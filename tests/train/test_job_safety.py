@@ -15,7 +15,7 @@ import pytest
 from spdelta.cli.main import main
 from spdelta.errors import OutputExistsError
 from spdelta.format import load_delta
-from spdelta.train.job import TrainConfig, train_job
+from spdelta.recipes.job import TrainConfig, train_job
 
 pytestmark = pytest.mark.hf
 

@@ -15,9 +15,9 @@ from safetensors.torch import save_file
 from spdelta.cli.main import main
 from spdelta.dist import load_checkpoint, save_checkpoint
 from spdelta.errors import SpdeltaError
+from spdelta.recipes._job_io import comparable
+from spdelta.recipes.job import TrainConfig
 from spdelta.train import TrainState, load_state
-from spdelta.train._job_io import comparable
-from spdelta.train.job import TrainConfig
 
 
 class _Touch:

@@ -56,9 +56,9 @@ def finetune(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Train ``args.steps`` AdamW steps in fp32, save bf16 casts, diff them, apply the diffs."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from spdelta.data import batches, load_rotten_tomatoes
-    from spdelta.hf.assets import smollm2_checkpoint
     from spdelta.patch import diff_checkpoints
+    from spdelta.recipes.assets import smollm2_checkpoint
+    from spdelta.recipes.data import batches, load_rotten_tomatoes
 
     model_dir = Path(args.model) if args.model else smollm2_checkpoint()
     tok = AutoTokenizer.from_pretrained(args.tokenizer or model_dir)

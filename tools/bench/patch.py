@@ -1,6 +1,6 @@
 """Exact patches: a real fine-tune's diff, and diff/apply throughput vs plain read + write.
 
-(a) ``finetune``: SmolLM2-135M-Instruct (``spdelta.hf.assets``, offline) is trained for
+(a) ``finetune``: SmolLM2-135M-Instruct (``spdelta.recipes.assets``, offline) is trained for
 ``--steps`` AdamW steps at ``--lr`` (fp32 master weights, as trainers keep them) on Rotten
 Tomatoes sentiment prompts; the bf16 casts of the weights (what a trainer ships to an
 inference server) are saved before training, after step ``steps - 1`` and after step

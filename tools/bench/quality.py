@@ -1,9 +1,9 @@
 """Quality benchmark: sparse fine-tuning vs LoRA and full fine-tuning on SmolLM2, two tasks.
 
-Model: SmolLM2-135M-Instruct (``spdelta.hf.assets.smollm2_checkpoint``, fp32 by
+Model: SmolLM2-135M-Instruct (``spdelta.recipes.assets.smollm2_checkpoint``, fp32 by
 default). Tasks (``--tasks``, ``_quality_tasks.py``, fixed seeded splits): ``sentiment``
 (Rotten Tomatoes reviews, fresh vs rotten; accuracy by
-``spdelta.evaluate.choice_accuracy``, the choice whose first token has the largest
+``spdelta.recipes.evaluate.choice_accuracy``, the choice whose first token has the largest
 next-token logit after the chat prompt, the reading of the demo) and ``hamlet``
 (language modelling on the text of Hamlet; next-token accuracy over held-out pieces);
 ``debates`` (who said a 2016 debate statement) is available, and why it is not in the

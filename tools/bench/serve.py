@@ -1,6 +1,6 @@
 """Benchmark serving many sparse deltas on one base model, against peft LoRA.
 
-Model: SmolLM2-135M-Instruct (``spdelta.hf.assets``, offline) or ``--model DIR``, fp32,
+Model: SmolLM2-135M-Instruct (``spdelta.recipes.assets``, offline) or ``--model DIR``, fp32,
 ``--threads`` threads, greedy decoding, the same ``--rows`` left-padded prompts and
 ``--new-tokens`` new tokens (EOS ignored) for every variant. Deltas: ``--deltas`` seeded
 random deltas at ``--density`` on every linear weight of the blocks (q, k, v, o, gate,
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measure_memory(a.child, json.loads(a.config))))
         return 0
     if a.model is None:
-        from spdelta.hf.assets import smollm2_checkpoint
+        from spdelta.recipes.assets import smollm2_checkpoint
 
         a.model = str(smollm2_checkpoint())
     keys = ("model", "rows", "deltas", "new_tokens", "rounds", "swap_reps", "threads", "seed",

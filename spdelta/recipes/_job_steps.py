@@ -5,23 +5,37 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from spdelta.dist import (
+    fsdp_spiel_init,
+    load_checkpoint,
+    make_dist_spiel_step,
+    make_dist_train_step,
+    make_fsdp_spiel_step,
+    make_fsdp_train_step,
+    score_distributed,
+    shard_with_deltas,
+)
 from spdelta.errors import SpdeltaError
-from spdelta.optim import Schedule
+from spdelta.functional import make_loss_fn
+from spdelta.optim import Schedule, adamw, sm3
+from spdelta.recipes._job_config import TrainConfig
+from spdelta.recipes._job_run import Batch, StepFn
+from spdelta.salience import score
+from spdelta.select import budget, select_topk
+from spdelta.train._defaults import default_lr
+from spdelta.train._loop import TrainState, clipped, learning_rate, make_train_step
 from spdelta.train._spiel_io import SpielState
+from spdelta.train.spiel import make_spiel_step
 from spdelta.types import Params, Support
-
-if TYPE_CHECKING:
-    from spdelta.train.job import Batch, StepFn, TrainConfig
 
 
 def budget_density(shapes: Mapping[str, tuple[int, ...]], cfg: TrainConfig) -> float:
     if cfg.lora_rank is None:
         return 0.01 if cfg.density is None else cfg.density
-    from spdelta.select import budget
 
     total = sum(math.prod(s) for s in shapes.values())
     return budget(shapes, lora_rank=cfg.lora_rank)[""] / total
@@ -30,10 +44,6 @@ def budget_density(shapes: Mapping[str, tuple[int, ...]], cfg: TrainConfig) -> f
 def select_support(cfg: TrainConfig, model: Any, base: Params, names: list[str],
                    rows: Callable[[int], list[Batch]], world: int) -> Support:
     """SPEFT's support: salience on the first steps' batches (``rows(t)``), global top-k."""
-    from spdelta.dist import score_distributed
-    from spdelta.salience import score
-    from spdelta.select import select_topk
-
     n_batches = max(1, math.ceil(cfg.calibration_examples / cfg.batch_size))
     calibration = [b for t in range(n_batches) for b in rows(t)]
     kwargs: dict[str, Any] = {"metric": cfg.metric, "targets": names, "progress": cfg.progress,
@@ -48,9 +58,6 @@ def select_support(cfg: TrainConfig, model: Any, base: Params, names: list[str],
 
 def lr_schedule(cfg: TrainConfig, total: int) -> Schedule:
     """The job's learning rate at each step (peak ``cfg.lr`` or the method's default)."""
-    from spdelta.train._defaults import default_lr
-    from spdelta.train._loop import learning_rate
-
     lr = default_lr(cfg.method) if cfg.lr is None else cfg.lr
     return learning_rate(lr, schedule=cfg.schedule, warmup=cfg.warmup, total_steps=total)
 
@@ -58,9 +65,6 @@ def lr_schedule(cfg: TrainConfig, total: int) -> Schedule:
 def make_optimizer(cfg: TrainConfig, support: Support,
                    shapes: Mapping[str, tuple[int, ...]], total: int) -> Any:
     """AdamW (SM3 for SpIEL-MA) on the job's schedule, after clipping if asked."""
-    from spdelta.optim import adamw, sm3
-    from spdelta.train._loop import clipped
-
     rate = lr_schedule(cfg, total)
     if cfg.method == "spiel" and cfg.regrowth == "ma":
         return clipped(sm3(rate, support=support, shapes=shapes), cfg.max_grad_norm)
@@ -69,8 +73,6 @@ def make_optimizer(cfg: TrainConfig, support: Support,
 
 def static_step(inner: Callable[[Any, Batch], tuple[Any, dict[str, float]]]) -> StepFn:
     """A fixed-support ``TrainState`` step as a step on the job's ``SpielState``."""
-    from spdelta.train._loop import TrainState
-
     def static_step(s: SpielState, batch: Batch) -> tuple[SpielState, dict[str, float]]:
         t, metrics = inner(TrainState(s.values, s.opt_state, s.step), batch)
         return s._replace(values=t.values, opt_state=t.opt_state, step=t.step), metrics
@@ -80,11 +82,6 @@ def static_step(inner: Callable[[Any, Batch], tuple[Any, dict[str, float]]]) -> 
 
 def make_step_fn(cfg: TrainConfig, model: Any, base: Params, support: Support, optimizer: Any,
              total: int, world: int) -> StepFn:
-    from spdelta.dist import make_dist_spiel_step, make_dist_train_step
-    from spdelta.functional import make_loss_fn
-    from spdelta.train._loop import make_train_step
-    from spdelta.train.spiel import make_spiel_step
-
     loss_fn = make_loss_fn(model)  # the fast path, NF4 targets included
     if cfg.method == "spiel":
         kwargs: dict[str, Any] = {"total_steps": total, "regrowth": cfg.regrowth, "update_every":
@@ -100,14 +97,6 @@ def make_step_fn(cfg: TrainConfig, model: Any, base: Params, support: Support, o
 def fsdp_engine(cfg: TrainConfig, model: Any, state: SpielState, total: int,
           resume_from: Path | None) -> tuple[Any, SpielState, StepFn]:
     """Shard ``model`` with deltas on ``state.support`` (FSDP2); the sharded state and step."""
-    from spdelta.dist import (
-        fsdp_spiel_init,
-        load_checkpoint,
-        make_fsdp_spiel_step,
-        make_fsdp_train_step,
-        shard_with_deltas,
-    )
-
     # A tensor the global top-k left empty gets no DeltaLinear (FSDP cannot shard 0 values).
     model = shard_with_deltas(model, {n: i for n, i in state.support.items() if i.numel()})
     optimizer = make_optimizer(cfg, state.support, {}, total)

@@ -9,15 +9,16 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
-from spdelta.data import (
+from spdelta.errors import DataError
+from spdelta.recipes.data import (
     SENTIMENT_SYSTEM,
     SENTIMENT_WORDS,
     batch_to,
     encode_prompt_response,
     sentiment_prompt,
 )
-from spdelta.errors import DataError
 
 __all__ = ["choice_accuracy", "evaluate_pairs", "response_nll", "sentiment_accuracy"]
 
@@ -78,7 +79,7 @@ def evaluate_pairs(
     ``choices`` (text + label data), each prompt is encoded once per choice and the
     choice with the largest summed log-likelihood of its response tokens (EOS
     included) is the prediction; the response of row ``i`` is ``choices[labels[i]]``.
-    Encoding follows :func:`spdelta.data.encode_prompt_response`, as in training.
+    Encoding follows :func:`spdelta.recipes.data.encode_prompt_response`, as in training.
 
     Args:
         forward: ``forward(batch) -> logits`` of the model at ``logits_to_keep``
@@ -183,8 +184,6 @@ def choice_accuracy(
         >>> choice_accuracy(model, tok, ["Good?"], [1], ["no", "yes"])  # doctest: +SKIP
         1.0
     """
-    from tqdm.auto import tqdm
-
     first = [tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in choices]
     if len(set(first)) < len(first):
         raise DataError(f"choice_accuracy: choices {list(choices)} do not all start with "

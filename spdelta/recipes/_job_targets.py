@@ -8,6 +8,10 @@ from typing import Any, NamedTuple
 
 from torch import Tensor
 
+from spdelta.hf.layout import CheckpointLayout
+from spdelta.kernels import ExpertsRouter, LinearRouter
+from spdelta.targets import ALL_LINEAR, left_out, resolve_targets
+
 
 class JobTargets(NamedTuple):
     """The target weights of a job and what the job reports about them."""
@@ -20,10 +24,6 @@ class JobTargets(NamedTuple):
 
 def job_targets(model: Any, spec: str) -> JobTargets:
     """Resolve ``spec`` on ``model``; its checkpoint layout, what was left out, slow ones."""
-    from spdelta.hf.layout import CheckpointLayout
-    from spdelta.kernels import ExpertsRouter, LinearRouter
-    from spdelta.targets import ALL_LINEAR, left_out, resolve_targets
-
     names = resolve_targets(model, spec)
     fast = LinearRouter(model).names | ExpertsRouter(model).names
     return JobTargets(names, CheckpointLayout(model),

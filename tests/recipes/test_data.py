@@ -1,12 +1,12 @@
-"""spdelta.data on a tiny word-level tokenizer and a tiny Llama (no downloads)."""
+"""spdelta.recipes.data on a tiny word-level tokenizer and a tiny Llama (no downloads)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from spdelta.data import encode_prompt_response
-from spdelta.evaluate import sentiment_accuracy
+from spdelta.recipes.data import encode_prompt_response
+from spdelta.recipes.evaluate import sentiment_accuracy
 
 WORDS = [
     "<pad>",
@@ -91,7 +91,7 @@ def test_sentiment_accuracy_matches_a_direct_count(tokenizer, tiny_llama) -> Non
 
 
 def test_shared_prefix_cache_gives_each_reviews_own_logits(tokenizer, tiny_llama) -> None:
-    from spdelta.evaluate import _cache_keyword, _SharedPrefix
+    from spdelta.recipes.evaluate import _cache_keyword, _SharedPrefix
 
     model = tiny_llama.eval()  # float64, but HF's eager attention takes its softmax in fp32
     prompts = ["Is this movie review positive or negative?\nReview: " + t
@@ -114,7 +114,7 @@ def test_shared_prefix_cache_gives_each_reviews_own_logits(tokenizer, tiny_llama
 
 
 def test_shared_prefix_never_takes_the_kept_positions(tokenizer, tiny_llama) -> None:
-    from spdelta.evaluate import _cache_keyword, _SharedPrefix
+    from spdelta.recipes.evaluate import _cache_keyword, _SharedPrefix
 
     prompts = ["Is this movie review positive or negative?\nReview: good"] * 3  # identical rows
     batch = encode_prompt_response(tokenizer, prompts, ["positive"] * 3)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from spdelta.errors import DataError
-from spdelta.train._accum import MicroBatches
-from spdelta.train._job_eval import (
+from spdelta.recipes._job_config import TrainConfig
+from spdelta.recipes._job_eval import (
     EvalSet,
     eval_set,
     label_choices,
@@ -16,9 +16,14 @@ from spdelta.train._job_eval import (
     read_chat_template,
     split_off,
 )
-
-if TYPE_CHECKING:
-    from spdelta.train.job import TrainConfig
+from spdelta.recipes.data import (
+    encode_prompt_response,
+    load_table,
+    prompt_format,
+    prompt_response_pairs,
+)
+from spdelta.train import micro_batches
+from spdelta.train._accum import MicroBatches
 
 
 class JobData:
@@ -29,8 +34,6 @@ class JobData:
     """
 
     def __init__(self, cfg: TrainConfig, tokenizer: Any) -> None:
-        from spdelta.data import load_table, prompt_format
-
         rows = load_table(cfg.data, split=cfg.split)
         self.prompts, self.responses, self.format = self._pairs(cfg, rows)
         self.chat_template, template_record = read_chat_template(cfg)
@@ -58,8 +61,6 @@ class JobData:
 
     @staticmethod
     def _pairs(cfg: TrainConfig, rows: Any) -> tuple[list[str], list[str], str]:
-        from spdelta.data import prompt_response_pairs
-
         return prompt_response_pairs(
             rows, prompt_column=cfg.prompt_column, response_column=cfg.response_column,
             text_column=cfg.text_column, label_column=cfg.label_column,
@@ -79,8 +80,6 @@ class JobData:
         return self._orders[epoch][i * b:(i + 1) * b]
 
     def encode(self, idx: list[int]) -> dict[str, Any]:
-        from spdelta.data import encode_prompt_response
-
         return encode_prompt_response(
             self.tokenizer, [self.prompts[i] for i in idx], [self.responses[i] for i in idx],
             max_length=self.cfg.max_length, system=self.cfg.system,
@@ -91,8 +90,6 @@ class JobData:
 
     def micro(self, t: int, rank: int, world: int) -> MicroBatches:
         """This rank's share of step ``t``'s rows, as separately encoded micro-batches."""
-        from spdelta.train import micro_batches
-
         share = self.cfg.batch_size // world
         idx = self.rows(t)[rank * share:(rank + 1) * share]
         m = self.cfg.micro_batch_size or share

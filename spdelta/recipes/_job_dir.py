@@ -17,14 +17,13 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from spdelta._io import atomic_write, claim, is_temp_of, remove_stale, user_os_error
 from spdelta.errors import OutputExistsError, ParameterError
+from spdelta.format import read_header
 from spdelta.format.constants import KEY_TRAINING
-
-if TYPE_CHECKING:
-    from spdelta.train.job import TrainConfig
+from spdelta.recipes._job_config import TrainConfig
 
 __all__ = ["MARKER", "ckpt_dir", "claim_run", "mark", "outputs", "remove_checkpoint"]
 
@@ -85,8 +84,6 @@ def _refuse_foreign(ckpt: Path) -> None:
 
 def _finished(cfg: TrainConfig, comparable: dict[str, Any]) -> bool:
     """Whether the output is this job's finished delta (its training record is these settings)."""
-    from spdelta.format import read_header
-
     try:
         meta, _ = read_header(cfg.output)
         record = json.loads(meta.get(KEY_TRAINING, "{}"))

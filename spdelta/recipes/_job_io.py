@@ -1,7 +1,7 @@
 """A training job's files: its checkpoint (state, log, settings) and its outputs.
 
 The checkpoint directory holds ``spdelta-checkpoint.json`` (the marker, see
-:mod:`spdelta.train._job_dir`), ``job.json`` (the comparable settings and the log) and
+:mod:`spdelta.recipes._job_dir`), ``job.json`` (the comparable settings and the log) and
 ``state/`` (:func:`spdelta.dist.save_checkpoint`). The outputs are the delta file,
 ``<output>.log.json`` and ``<output>.loss.png``.
 """
@@ -14,20 +14,21 @@ import io
 import json
 import secrets
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from spdelta._io import atomic_write
 from spdelta.delta import SparseDelta
+from spdelta.dist import fsdp_delta, load_checkpoint, save_checkpoint
 from spdelta.errors import OutputExistsError, ParameterError, SpdeltaError
+from spdelta.format import save_delta
 from spdelta.format.constants import KEY_BASE_MODEL, KEY_FINGERPRINT, KEY_TRAINING
+from spdelta.recipes._job_config import TrainConfig
+from spdelta.recipes._job_dir import ckpt_dir, mark, outputs, remove_checkpoint
+from spdelta.recipes._job_run import Run
 from spdelta.train._defaults import default_lr
-from spdelta.train._job_dir import ckpt_dir, mark, outputs, remove_checkpoint
 from spdelta.train._spiel_io import SpielState
-
-if TYPE_CHECKING:
-    from spdelta.train.job import TrainConfig, _Run
 
 # Fields that change how a run is executed, not what it computes: free to differ on resume.
 RUN_ONLY = frozenset({"checkpoint_every", "checkpoint_dir", "resume", "stop_after", "progress",
@@ -48,8 +49,6 @@ def write_json(path: Path, obj: Any, *, overwrite: bool = True) -> None:
 def save_job(ckpt: Path, state: SpielState, cfg: TrainConfig, log: list[dict[str, float]],
           rank: int) -> None:
     """Log and config first, state last: a crash in between leaves a longer log, cut on resume."""
-    from spdelta.dist import save_checkpoint
-
     if rank == 0:
         mark(ckpt)
         write_json(ckpt / "job.json", {"config": comparable(cfg), "log": log})
@@ -73,8 +72,6 @@ def job_file(ckpt: Path, cfg: TrainConfig) -> dict[str, Any] | None:
 
 
 def load_job(ckpt: Path, job: dict[str, Any]) -> tuple[SpielState, list[dict[str, float]]]:
-    from spdelta.dist import load_checkpoint
-
     state = load_checkpoint(ckpt / "state")
     if not isinstance(state, SpielState):
         raise SpdeltaError(f"{str(ckpt)!r}: expected a spdelta train job checkpoint; found a "
@@ -122,7 +119,7 @@ def plot_losses(log: list[dict[str, float]], path: Path, title: str, overwrite: 
 
 
 
-def _delta(cfg: TrainConfig, run: _Run, model: Any, state: SpielState,
+def _delta(cfg: TrainConfig, run: Run, model: Any, state: SpielState,
            summary: dict[str, Any]) -> SparseDelta:
     """The trained delta with its metadata (every rank takes part in an FSDP2 gather)."""
     nnz, entries = summary["nnz"], summary["target_entries"]
@@ -135,8 +132,6 @@ def _delta(cfg: TrainConfig, run: _Run, model: Any, state: SpielState,
             KEY_BASE_MODEL: str(getattr(model.config, "_name_or_path", "") or cfg.model),
             KEY_FINGERPRINT: run.fingerprint}
     if cfg.fsdp:
-        from spdelta.dist import fsdp_delta
-
         got = fsdp_delta(model, state)  # every rank gathers
         support = {n: got[n].indices if n in got else torch.zeros(0, dtype=torch.long)
                    for n in run.shapes}
@@ -151,8 +146,6 @@ def _delta(cfg: TrainConfig, run: _Run, model: Any, state: SpielState,
 
 def _save_or_match(delta: SparseDelta, out: Path, force: bool) -> None:
     """Write the delta; if ``out`` exists (a resumed run wrote it), it must be these bytes."""
-    from spdelta.format import save_delta
-
     if force or not out.exists():
         save_delta(delta, out, overwrite=force)  # checked again, atomically
         return
@@ -167,7 +160,7 @@ def _save_or_match(delta: SparseDelta, out: Path, force: bool) -> None:
                                 "--force to replace it, or choose another -o.")
 
 
-def finish(cfg: TrainConfig, run: _Run, model: Any, state: SpielState,
+def finish(cfg: TrainConfig, run: Run, model: Any, state: SpielState,
            log: list[dict[str, float]], summary: dict[str, Any], resumed: bool) -> None:
     """Write the delta (with its metadata), the JSON log and the loss curve; drop the checkpoint.
 

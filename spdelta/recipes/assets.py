@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import tempfile
 from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from spdelta.errors import SpdeltaError
 
@@ -87,11 +92,6 @@ def smollm2_checkpoint(cache_dir: str | os.PathLike[str] | None = None) -> Path:
 
 
 def _convert(gguf: Path, out: Path) -> None:
-    import tempfile
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
@@ -107,7 +107,6 @@ def _convert(gguf: Path, out: Path) -> None:
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     if out.exists():  # a half-made dir from an older run
-        import shutil
 
         shutil.rmtree(out)
     os.replace(tmp, out)

@@ -5,10 +5,10 @@
 and writes the delta file, a JSON log and a loss-curve PNG. It checkpoints
 periodically and resumes bit for bit; under ``torchrun`` it runs data-parallel
 (``torch.distributed``, gloo on CPU, nccl on GPU) with one support on every rank.
-The settings are in :mod:`spdelta.train._job_config`, the claim on the outputs and the
-checkpoint directory in :mod:`spdelta.train._job_dir`, the checkpoint and output files
-in :mod:`spdelta.train._job_io`, the support selection and step functions in
-:mod:`spdelta.train._job_steps`.
+The settings are in :mod:`spdelta.recipes._job_config`, the claim on the outputs and the
+checkpoint directory in :mod:`spdelta.recipes._job_dir`, the checkpoint and output files
+in :mod:`spdelta.recipes._job_io`, the support selection and step functions in
+:mod:`spdelta.recipes._job_steps`.
 """
 
 from __future__ import annotations
@@ -16,22 +16,29 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
+import transformers
 from torch.utils._pytree import tree_map_only
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from spdelta.dist import init_from_env
 from spdelta.errors import ParameterError
-from spdelta.train._accum import MicroBatches
-from spdelta.train._job_config import TrainConfig, check_config
-from spdelta.train._job_data import JobData
-from spdelta.train._job_dir import ckpt_dir, claim_run
-from spdelta.train._job_eval import EvalHook, Evaluator
-from spdelta.train._job_io import comparable, finish, job_file, load_job, save_job
-from spdelta.train._job_steps import (
+from spdelta.functional import make_loss_fn
+from spdelta.hf import CheckpointError, checkpoint_fingerprint, fingerprint
+from spdelta.quant import to_nf4
+from spdelta.recipes._job_config import TrainConfig, check_config
+from spdelta.recipes._job_data import JobData
+from spdelta.recipes._job_dir import ckpt_dir, claim_run
+from spdelta.recipes._job_eval import EvalHook, Evaluator
+from spdelta.recipes._job_io import comparable, finish, job_file, load_job, save_job
+from spdelta.recipes._job_run import Run, StepFn
+from spdelta.recipes._job_steps import (
     budget_density,
     fsdp_engine,
     lr_schedule,
@@ -39,14 +46,11 @@ from spdelta.train._job_steps import (
     make_step_fn,
     select_support,
 )
-from spdelta.train._job_targets import JobTargets, job_targets, say_support, say_targets
+from spdelta.recipes._job_targets import job_targets, say_support, say_targets
 from spdelta.train._spiel_io import SpielState
+from spdelta.train.spiel import random_support
 
 __all__ = ["TrainConfig", "train_job"]
-
-Batch = Mapping[str, Any]
-StepFn = Callable[[SpielState, Batch], tuple[SpielState, dict[str, float]]]
-
 
 def _device(cfg: TrainConfig, env: Any) -> torch.device:
     """``cfg.device``, or this process's GPU (``env.device``), or the CPU."""
@@ -72,65 +76,12 @@ def _total_steps(cfg: TrainConfig, data: JobData) -> int:
 
 
 def _quiet_libraries() -> None:
-    import datasets
-    import transformers
-
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
 
 
-@dataclass(frozen=True)
-class _Run:
-    """What every phase of a job reads: this process's place, the model and the data."""
-
-    rank: int
-    world: int
-    device: torch.device
-    speak: Callable[[str], None]
-    model: Any
-    data: JobData
-    total: int
-    base: dict[str, torch.Tensor]
-    shapes: dict[str, tuple[int, ...]]
-    fingerprint: str
-    targets: JobTargets  # names, checkpoint layout, what all-linear left out, slow ones
-    evals: EvalHook
-
-    def shard(self, batch: Batch) -> dict[str, Any]:
-        """This rank's share of a global batch, on the job's device."""
-        from spdelta.data import batch_to
-        from spdelta.dist import shard_batch
-
-        return batch_to(shard_batch(batch, self.rank, self.world) if self.world > 1 else batch,
-                        self.device)
-
-    def step_input(self, t: int) -> tuple[Any, int]:
-        """Step ``t``'s input for this rank (a batch, or micro-batches) and its tokens.
-
-        The tokens are the global batch's (unpadded); with micro-batches on several
-        ranks, this rank's times the number of ranks.
-        """
-        from spdelta.data import batch_to
-
-        micro = self.data.cfg.micro_batch_size
-        if micro is None or micro >= self.data.cfg.batch_size // self.world:
-            batch = self.data.batch(t)
-            return self.shard(batch), int(batch["attention_mask"].sum())
-        parts = self.data.micro(t, self.rank, self.world)
-        tokens = sum(int(b["attention_mask"].sum()) for b in parts.batches) * self.world
-        return parts._replace(batches=tuple(batch_to(b, self.device) for b in parts.batches)), (
-            tokens)
-
-    def calibration(self, t: int) -> list[Batch]:
-        """Step ``t``'s rows for scoring: this rank's share (micro-batches if the job has them)."""
-        got, _ = self.step_input(t)
-        return list(got.batches) if isinstance(got, MicroBatches) else [got]
-
-
 def _base_fingerprint(source: str, model: Any) -> str:
     """The checkpoint's fingerprint from disk (whatever dtype it is loaded in), else the model's."""
-    from spdelta.hf import CheckpointError, checkpoint_fingerprint, fingerprint
-
     if os.path.isdir(source):
         try:
             return checkpoint_fingerprint(source)
@@ -139,12 +90,8 @@ def _base_fingerprint(source: str, model: Any) -> str:
     return fingerprint(model)
 
 
-def _setup(cfg: TrainConfig, say: Callable[[str], None]) -> _Run:
+def _setup(cfg: TrainConfig, say: Callable[[str], None]) -> Run:
     """Join the process group (under ``torchrun``); load the model onto the device, and the data."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from spdelta.dist import init_from_env
-
     env = init_from_env(backend="gloo" if cfg.device == "cpu" else None)
     world, device = env.world_size, _device(cfg, env)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
@@ -166,7 +113,7 @@ def _setup(cfg: TrainConfig, say: Callable[[str], None]) -> _Run:
     total, held = _total_steps(cfg, data), data.eval_set()
     evaluator = None if held is None else Evaluator(cfg, tokenizer, held, data.chat_template,
                                                     env.rank, world, device)
-    run = _Run(env.rank, world, device, say if env.rank == 0 else (lambda _: None), model, data,
+    run = Run(env.rank, world, device, say if env.rank == 0 else (lambda _: None), model, data,
                total, base, {n: tuple(base[n].shape) for n in names},
                _base_fingerprint(cfg.model, model), targets,
                EvalHook(evaluator, held, cfg.eval_every, total, cfg.keep == "best"))
@@ -179,11 +126,9 @@ def _setup(cfg: TrainConfig, say: Callable[[str], None]) -> _Run:
     return run
 
 
-def _start(cfg: TrainConfig, run: _Run, ckpt: Path, job: dict[str, Any] | None
+def _start(cfg: TrainConfig, run: Run, ckpt: Path, job: dict[str, Any] | None
            ) -> tuple[SpielState, list[dict[str, float]]]:
     """The checkpoint's state (moved to the device) and log, or a new support and zero values."""
-    from spdelta.train.spiel import random_support
-
     if job is not None:
         state, log = load_job(ckpt, job)
         rng = state.rng_state  # the CPU generator's state stays on the CPU
@@ -206,7 +151,7 @@ def _start(cfg: TrainConfig, run: _Run, ckpt: Path, job: dict[str, Any] | None
     return SpielState(values, support, opt.init(values), 0, {}, None), []
 
 
-def _engine(cfg: TrainConfig, run: _Run, state: SpielState, resume_from: Path | None
+def _engine(cfg: TrainConfig, run: Run, state: SpielState, resume_from: Path | None
             ) -> tuple[Any, SpielState, StepFn, Callable[[SpielState], Any]]:
     """NF4 targets if asked, then the model, state, step and evaluation forward.
 
@@ -215,8 +160,6 @@ def _engine(cfg: TrainConfig, run: _Run, state: SpielState, resume_from: Path | 
     """
     base = run.base
     if cfg.nf4:
-        from spdelta.quant import to_nf4
-
         base = to_nf4(base, list(run.shapes))
         for n, p in run.model.named_parameters():  # drop the dense copies of the targets
             if n in run.shapes:
@@ -226,7 +169,6 @@ def _engine(cfg: TrainConfig, run: _Run, state: SpielState, resume_from: Path | 
     # An FSDP checkpoint keeps AG sums as (out, in) shards; here they are flat.
     state = state._replace(grad_acc={n: g.reshape(-1) for n, g in state.grad_acc.items()})
     optimizer = make_optimizer(cfg, state.support, run.shapes, run.total)
-    from spdelta.functional import make_loss_fn
 
     logits = make_loss_fn(run.model, lambda out, batch: out.logits)
 
@@ -241,12 +183,10 @@ def _no_forward(state: SpielState) -> Any:
     raise ParameterError("--fsdp does not evaluate yet.")  # refused by the option checks
 
 
-def _loop(cfg: TrainConfig, run: _Run, state: SpielState, log: list[dict[str, float]],
+def _loop(cfg: TrainConfig, run: Run, state: SpielState, log: list[dict[str, float]],
           step: StepFn, forward: Callable[[SpielState], Any], ckpt: Path
           ) -> tuple[SpielState, int, float]:
     """Train to the end (or ``stop_after``), logging, evaluating and checkpointing."""
-    from tqdm.auto import tqdm
-
     end = run.total if cfg.stop_after is None else min(run.total, state.step + cfg.stop_after)
     rate = lr_schedule(cfg, run.total)
     t_train = time.perf_counter()
@@ -274,7 +214,7 @@ def _loop(cfg: TrainConfig, run: _Run, state: SpielState, log: list[dict[str, fl
     return state, tokens_run, time.perf_counter() - t_train
 
 
-def _eval_summary(run: _Run, log: list[dict[str, float]]) -> dict[str, Any]:
+def _eval_summary(run: Run, log: list[dict[str, float]]) -> dict[str, Any]:
     """The last and the best evaluation, and which step's delta is written."""
     evals = [r for r in log if "eval_loss" in r]
     if not evals:
@@ -291,7 +231,8 @@ def train_job(cfg: TrainConfig, *, say: Callable[[str], None] = print) -> dict[s
     """Run a training job end to end and return its report (also the JSON log's ``summary``).
 
     1. Load the tokenizer and model (``cfg.bf16``: bfloat16) and the rows
-       (:func:`spdelta.data.load_table`, :func:`spdelta.data.prompt_response_pairs`).
+       (:func:`spdelta.recipes.data.load_table`,
+       :func:`spdelta.recipes.data.prompt_response_pairs`).
     2. Select the support: SPEFT scores the targets on ``calibration_examples`` rows
        and keeps the global top-k; SpIEL draws a random support per tensor. Then, with
        ``cfg.nf4``, quantise the targets to NF4 and free their dense copies.
