@@ -1,6 +1,6 @@
 """Salience metrics: score every entry of the target weights (higher = keep).
 
-Each metric lives in its own module and registers itself in :data:`METRICS`;
+Each metric registers itself in :data:`METRICS`;
 :func:`score` runs one by name.
 
 Example:
@@ -14,15 +14,12 @@ References:
 """
 
 from spdelta.salience import (  # noqa: F401  (importing registers the metrics)
+    first_order,
     fisher,
-    force,
-    gradient,
     grasp,
     magnitude,
     random,
-    snip,
     synflow,
-    taylor_fo,
 )
 from spdelta.salience._calib import Calibration, LossCallable
 from spdelta.salience._registry import METRICS, Metric, register_metric
