@@ -160,6 +160,13 @@ def test_kept_full_and_test_results_and_cache_aware_order(quality: ModuleType,
     runs._record_run(stem, grid, {"lr": 1e-3, "weights": str(tmp_path / "w.st")})
     after = quality.sweep_seconds(grid, "sentiment", "lora", tmp_path)
     assert after < before == quality.sweep_seconds(grid, "sentiment", "lora")
+    # A grid with nothing left to run is read back without loading a model.
+    kept = runs.sweep_child("sentiment", "lora", quality.asdict(grid), str(tmp_path))
+    assert [r["lr"] for r in kept["runs"]] == [1e-3] and kept["runs"][0]["kept_from_earlier_sweep"]
+    two = quality.parse(["--lrs-lora", "1e-3,3e-3", "--schedules", "constant", "--cached-only"])[0]
+    assert [r["lr"] for r in runs._kept_grid(str(tmp_path), "sentiment", "lora", two)] == [1e-3]
+    assert runs._kept_grid(str(tmp_path), "sentiment", "lora",
+                           quality.parse(["--lrs-lora", "1e-3,3e-3"])[0]) is None  # runs left
     assert quality._test_stem("/r/lr0.001_constant.safetensors") == Path("/r/lr0.001_constant.test")
 
 

@@ -430,6 +430,16 @@ def keep_result(stem: Path, cfg: Config, extra: dict[str, Any], result: dict[str
     os.replace(tmp, _beside(stem, ".json"))
 
 
+def _kept_grid(runs_dir: str, task: str, method: str, cfg: Config
+               ) -> list[dict[str, Any]] | None:
+    """The kept runs of the grid when nothing of it is left to run (no model is loaded)."""
+    found = [_finished_run(Path(runs_dir) / task / method / run_name(lr, s), cfg)
+             for s in cfg.schedules for lr in cfg.lrs[method]]
+    if any(r is None for r in found) and not cfg.cached_only:
+        return None
+    return [r for r in found if r is not None]
+
+
 def sweep_child(task: str, method: str, cfg_dict: dict[str, Any], runs_dir: str
                 ) -> dict[str, Any]:
     """Child process: every (LR, schedule) run of ``method`` on ``task``, validation only.
@@ -445,6 +455,8 @@ def sweep_child(task: str, method: str, cfg_dict: dict[str, Any], runs_dir: str
         return kept  # its LRs trained and tested by an earlier sweep with the same settings
     if method == "full" and cfg.cached_only:
         return {"task": task, "method": method, "runs": [], "elapsed_s": 0.0}
+    if method in SWEPT and (kept_runs := _kept_grid(runs_dir, task, method, cfg)) is not None:
+        return {"task": task, "method": method, "runs": kept_runs, "elapsed_s": 0.0}
     _child_start(cfg)
     t0 = time.perf_counter()
     gc.collect()

@@ -391,6 +391,9 @@ def _tests(cfg: Config, out_dir: Path, report: dict[str, Any], say: Callable[[st
             results[t][m].update(kept)  # tested by an earlier sweep: the same weights and rows
             say(f"test {t} {m}: kept {kept['test_accuracy']:.3f}")
             del jobs[(t, m)]
+        elif cfg.cached_only:
+            say(f"test {t} {m}: not tested by an earlier sweep (--cached-only)")
+            del jobs[(t, m)]
     with _pool(cfg) as pool:
         futures = {pool.submit(test_child, t, m, asdict(cfg), w): (t, m)
                    for (t, m), w in sorted(jobs.items(), key=lambda kv: -TEST_N[kv[0][0]])}
