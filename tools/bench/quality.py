@@ -113,10 +113,14 @@ from _quality_runs import (
     METHODS,
     SWEPT,
     Config,
+    _finished_run,
     _timed,
+    keep_result,
+    kept_result,
     lora_rank_for,
     parse_schedule,
     probe_memory,
+    run_name,
     sweep_child,
     test_child,
     train,
@@ -148,13 +152,20 @@ def _test_n(cfg: Config, task: str) -> int:
     return min(cfg.test_examples, TEST_N[task])
 
 
-def sweep_seconds(cfg: Config, task: str, method: str) -> float:
-    """Expected wall time of one (task, method) sweep child."""
+def sweep_seconds(cfg: Config, task: str, method: str, runs_dir: Path | None = None) -> float:
+    """Expected wall time of one (task, method) sweep child.
+
+    With ``runs_dir``, the runs an earlier sweep finished there (kept, not rerun) count
+    for nothing, so that the children with the most work left start first.
+    """
     eval_s = EVAL_S * min(cfg.max_length, 96) / 96 * LENGTH[task]
     total = CHILD_S + cfg.val_examples * eval_s
     if method == "zero_shot":
         return total + _test_n(cfg, task) * eval_s
     runs = len(cfg.lrs[method]) * (1 if method == "full" else len(cfg.schedules))
+    if runs_dir is not None and method != "full":
+        runs -= sum(_finished_run(runs_dir / task / method / run_name(lr, s), cfg) is not None
+                    for lr in cfg.lrs[method] for s in cfg.schedules)
     setup = SELECT_S if method.startswith("speft") else 0.0
     once = CALIB_S * cfg.calibration_examples if method == "speft_gradient" else 0.0
     per_run = cfg.steps * STEP_S[method] * _scale(cfg, task) + cfg.val_examples * eval_s
@@ -326,7 +337,7 @@ def _sweep(cfg: Config, out_dir: Path, report: dict[str, Any], say: Callable[[st
            t0: float) -> None:
     results = report["results"]
     order = sorted(((t, m) for t in cfg.tasks for m in cfg.methods),
-                   key=lambda tm: -sweep_seconds(cfg, *tm))  # longest first
+                   key=lambda tm: -sweep_seconds(cfg, *tm, out_dir / "runs"))  # longest first
     order = [(t, m) for t, m in order if not _done(results[t].get(m, {}))]
     with _pool(cfg) as pool:
         futures = {pool.submit(sweep_child, t, m, asdict(cfg), str(out_dir / "runs")): (t, m)
@@ -351,6 +362,11 @@ def _sweep(cfg: Config, out_dir: Path, report: dict[str, Any], say: Callable[[st
             _write(out_dir, report)
 
 
+def _test_stem(weights: str) -> Path:
+    """Where the test result of a run's saved weights is kept."""
+    return Path(weights.removesuffix(".safetensors") + ".test")
+
+
 def _tests(cfg: Config, out_dir: Path, report: dict[str, Any], say: Callable[[str], None],
            t0: float) -> None:
     results, chosen = report["results"], report["chosen"]
@@ -367,14 +383,25 @@ def _tests(cfg: Config, out_dir: Path, report: dict[str, Any], say: Callable[[st
             jobs[(t, m)] = run["weights"]
     for t in cfg.tasks:  # full fine-tuning's own choice, for the table's step time
         full = results[t].get("full", {})
-        if "runs" in full:
+        if "chosen_lr" in full:
             full["chosen_run"] = next(r for r in full["runs"] if r["lr"] == full["chosen_lr"])
+    key = {"test_examples": cfg.test_examples}
+    for (t, m), w in list(jobs.items()):
+        if (kept := kept_result(_test_stem(w), cfg, key)) is not None:
+            results[t][m].update(kept)  # tested by an earlier sweep: the same weights and rows
+            say(f"test {t} {m}: kept {kept['test_accuracy']:.3f}")
+            del jobs[(t, m)]
+        elif cfg.cached_only:
+            say(f"test {t} {m}: not tested by an earlier sweep (--cached-only)")
+            del jobs[(t, m)]
     with _pool(cfg) as pool:
         futures = {pool.submit(test_child, t, m, asdict(cfg), w): (t, m)
                    for (t, m), w in sorted(jobs.items(), key=lambda kv: -TEST_N[kv[0][0]])}
         for future in as_completed(futures):
             t, m = futures[future]
             r = _result(future)
+            if "error" not in r:
+                keep_result(_test_stem(jobs[(t, m)]), cfg, key, r)
             results[t][m].update({"test_error": r["error"]} if "error" in r else r)
             say(f"test {t} {m} (lr {chosen[m]['lr']:g}, {chosen[m]['schedule']}): "
                 f"{r.get('error') or format(r['test_accuracy'], '.3f')}")
