@@ -57,6 +57,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from train_step import _reset_peak_rss, _status_kb
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 VARIANTS = ("base", "merged", "mixed", "peft_lora_mixed")
@@ -232,14 +233,6 @@ def measure_swap(dm: Any, peft_model: Any, cfg: dict[str, Any]) -> dict[str, Any
             "spdelta_s_all": ours, "peft_s_all": theirs}
 
 
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
 def measure_memory(name: str, cfg: dict[str, Any]) -> dict[str, Any]:
     """Peak RSS of building variant ``name`` and one ``generate`` (see the module doc)."""
     import gc
@@ -258,12 +251,7 @@ def measure_memory(name: str, cfg: dict[str, Any]) -> dict[str, Any]:
     gc.collect()
     rss_built = _status_kb("VmRSS")
     peak_build = _status_kb("VmHWM")
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        exact = True
-    except OSError:
-        exact = False
+    exact = _reset_peak_rss()
     generate(v, batch, cfg["new_tokens"])
     peak = _status_kb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"peak_total_mb": (max(peak, peak_build) - rss_base) / 1024,
