@@ -18,8 +18,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "spdelta"
-#: Optional dependencies a function may import where it needs them.
-OPTIONAL = {"torchao", "peft", "matplotlib"}
+#: Optional dependencies a function may import where it needs them (``transformers``:
+#: spdelta.hf and spdelta.serve work on any module and use it when it is installed).
+OPTIONAL = {"torchao", "peft", "matplotlib", "transformers"}
 #: The layers above the library: nothing below them imports them.
 TOP = ("spdelta.recipes", "spdelta.cli", "spdelta.__main__")
 

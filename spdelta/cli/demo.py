@@ -7,14 +7,13 @@ import dataclasses
 from typing import Any
 
 from spdelta.cli._common import fraction, new_parser, non_negative, positive
+from spdelta.recipes._demo_config import DemoConfig
 
 NAME = "demo"
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``demo``."""
-    from spdelta.recipes.demo import DemoConfig
-
     d = DemoConfig()
     p = new_parser(
         subparsers, NAME,
@@ -43,7 +42,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo with the parsed options; 0 on success."""
-    from spdelta.recipes.demo import DemoConfig, run_demo
+    from spdelta.recipes.demo import run_demo  # lazy: transformers and datasets load here
 
     fields = {f.name for f in dataclasses.fields(DemoConfig)}
     opts = {k: v for k, v in vars(args).items() if k in fields}

@@ -15,11 +15,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-try:  # optional: a checkpoint's config gives its model's tied and aliased names
-    import transformers
-except ImportError:
-    transformers = None  # type: ignore[assignment]
-
 from spdelta._io import check_regular, claim, make_temp_dir, refuse_overlap, user_os_error
 from spdelta._progress import tqdm
 from spdelta._replace import refuse_patch
@@ -125,9 +120,9 @@ def _meta_model(path: Path) -> nn.Module | None:
     The config's own architecture class first (``T5ForConditionalGeneration`` has the
     ``lm_head`` alias that ``T5Model`` lacks), then a causal LM, then the base model.
     """
-    if transformers is None:  # without it, names must match the keys exactly
-        return None
     try:
+        import transformers
+
         config = transformers.AutoConfig.from_pretrained(str(path))
         named = [getattr(transformers, a, None) for a in getattr(config, "architectures", None)
                  or []]

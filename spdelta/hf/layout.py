@@ -33,21 +33,6 @@ from spdelta.delta import DeltaTensor, SparseDelta
 from spdelta.errors import KeyMismatchError, format_names
 from spdelta.hf._trace import Trace, UntraceableError
 
-try:  # transformers 5 converts some weights at load time and says how
-    from transformers import PreTrainedModel
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import (
-        PrefixChange,
-        WeightConverter,
-        WeightRenaming,
-        apply_converters,
-        apply_renamings,
-        dot_natural_key,
-        rename_source_key,
-    )
-except ImportError:  # no transformers, or transformers < 5: weights load as stored
-    PrefixChange = None  # type: ignore[assignment,misc]
-
 __all__ = ["CheckpointLayout", "LayoutError", "state_tensors"]
 
 _EMPTY = torch.zeros(0, dtype=torch.long)
@@ -64,7 +49,13 @@ def _transforms(model: nn.Module) -> list[Any]:
     default one of its architecture without prefix changes: exactly the choice of
     ``transformers.core_model_loading.revert_weight_conversion``.
     """
-    if PrefixChange is None or not isinstance(model, PreTrainedModel):
+    try:
+        from transformers import PreTrainedModel
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import PrefixChange
+    except ImportError:  # transformers < 5: weights load as stored
+        return []
+    if not isinstance(model, PreTrainedModel):
         return []
     found = getattr(model, "_weight_conversions", None)
     if found is None:
@@ -84,6 +75,15 @@ def _convert(model: nn.Module, transforms: list[Any], tensors: Mapping[str, Any]
     Returns:
         ``(name -> tensor, name -> True when an operation moved entries)``.
     """
+    from transformers.core_model_loading import (
+        WeightConverter,
+        WeightRenaming,
+        apply_converters,
+        apply_renamings,
+        dot_natural_key,
+        rename_source_key,
+    )
+
     steps = [t.reverse_transform() for t in transforms[::-1]] if reverse else transforms
     renamings = [t for t in steps if isinstance(t, WeightRenaming)]
     converters = [t for t in steps if isinstance(t, WeightConverter)]

@@ -6,7 +6,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -16,51 +16,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from spdelta.cli.inspect import describe, print_text
 from spdelta.format import load_delta, save_delta
 from spdelta.hf import apply_to_checkpoint, apply_to_model, checkpoint_fingerprint
+from spdelta.recipes._demo_config import DemoConfig
 from spdelta.recipes.assets import SMOLLM2_HUB_ID, smollm2_checkpoint
 from spdelta.recipes.data import batches, load_rotten_tomatoes
 from spdelta.recipes.evaluate import sentiment_accuracy
 from spdelta.train import speft
-from spdelta.train._defaults import DEFAULT_LR, DEFAULT_SCHEDULE, DEFAULT_WARMUP
 
 __all__ = ["DemoConfig", "bf16_checkpoint", "run_demo"]
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    """Settings of :func:`run_demo`; the defaults finish in minutes on a 2-core CPU.
-
-    Attributes:
-        out_dir: Where the delta, the applied checkpoint and the report go.
-        cache_dir: Where the converted SmolLM2 checkpoint is cached (None: default).
-        density: Fraction of the linear weights' entries trained (SPEFT, gradient).
-        steps: Optimizer steps.
-        batch_size: Reviews per step.
-        lr: AdamW peak learning rate of the delta values.
-        schedule: Learning-rate decay after the warmup (``constant``, ``linear``, ``cosine``).
-        warmup: Warmup steps (whole, ``>= 1``) or ratio of ``steps`` (``< 1``).
-        calibration_examples: Reviews used to score gradient salience.
-        eval_examples: Held-out (validation) reviews used for accuracy.
-        max_length: Tokens per sequence.
-        bf16: Run in bfloat16: about 3x faster on CPUs with avx512_bf16, but far slower
-            (25x measured) on CPUs without it, hence off by default.
-        seed: Seed of the data split, the shuffle and everything random.
-        threads: torch threads (None: leave as is).
-    """
-
-    out_dir: str = "spdelta-demo"
-    cache_dir: str | None = None
-    density: float = 0.01
-    steps: int = 100
-    batch_size: int = 8
-    lr: float = DEFAULT_LR["speft"]
-    schedule: str = DEFAULT_SCHEDULE
-    warmup: float = DEFAULT_WARMUP
-    calibration_examples: int = 64
-    eval_examples: int = 300
-    max_length: int = 96
-    bf16: bool = False
-    seed: int = 0
-    threads: int | None = None
 
 
 def bf16_checkpoint(fp32_dir: Path) -> Path:
@@ -90,7 +52,7 @@ def _train_batches(tok: Any, train: Any, cfg: DemoConfig) -> Iterator[dict[str, 
 
 
 def run_demo(
-    cfg: DemoConfig = DemoConfig(), *, say: Callable[[str], None] = print
+    cfg: DemoConfig | None = None, *, say: Callable[[str], None] = print
 ) -> dict[str, Any]:
     """Train, save, inspect and apply a sentiment delta on SmolLM2-135M-Instruct; return the report.
 
@@ -103,7 +65,7 @@ def run_demo(
        checks that the applied model's accuracy is the same.
 
     Args:
-        cfg: Settings.
+        cfg: Settings (default: ``DemoConfig()``).
         say: Where progress lines go.
 
     Returns:
@@ -113,6 +75,7 @@ def run_demo(
     Example:
         >>> report = run_demo(DemoConfig(steps=10))  # doctest: +SKIP
     """
+    cfg = DemoConfig() if cfg is None else cfg
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
