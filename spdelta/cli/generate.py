@@ -8,6 +8,10 @@ import sys
 import time
 from typing import Any
 
+import torch
+
+from spdelta._io import atomic_write
+from spdelta._progress import tqdm
 from spdelta.cli._common import new_parser
 from spdelta.errors import BaseMismatchError, DataError
 
@@ -86,11 +90,7 @@ def read_prompts(path: str, names: set[str]) -> list[dict[str, Any]]:
 
 def run(args: argparse.Namespace) -> int:
     """Generate a completion for every prompt and write them as JSON lines."""
-    import torch
-    from tqdm.auto import tqdm
-
-    from spdelta._io import atomic_write
-    from spdelta.serve.text import TextServer
+    from spdelta.serve.text import TextServer  # lazy: the subcommand's model server
 
     names = [n for n, _ in args.delta]
     twice = sorted({n for n in names if names.count(n) > 1})
