@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from spdelta.rules import KEY_BASE_MODEL, KEY_FINGERPRINT
 from spdelta.train._defaults import DEFAULT_LR, DEFAULT_SCHEDULE, DEFAULT_WARMUP
 
 __all__ = ["DemoConfig", "bf16_checkpoint", "run_demo"]
@@ -164,8 +165,8 @@ def run_demo(
     delta = delta.with_metadata(
         {
             **delta.metadata,
-            "spdelta.base_model": SMOLLM2_HUB_ID,
-            "spdelta.base_model.fingerprint": checkpoint_fingerprint(ckpt),
+            KEY_BASE_MODEL: SMOLLM2_HUB_ID,
+            KEY_FINGERPRINT: checkpoint_fingerprint(ckpt),
         }
     )
     apply_to_model(model, delta)

@@ -15,22 +15,12 @@ from spdelta.errors import KeyMismatchError, ShapeError, SpdeltaError, format_na
 from spdelta.kernels import ExpertsRouter, LinearRouter
 from spdelta.kernels._linear import merge_weight
 from spdelta.quant.nf4 import is_nf4
+from spdelta.rules import accumulate_dtype
 from spdelta.types import Params, Support, Values
 
-__all__ = ["accumulate_dtype", "add_at", "apply_delta", "make_loss_fn"]
+__all__ = ["add_at", "apply_delta", "make_loss_fn"]
 
 LossFn = Callable[[Values, Params, Support, Mapping[str, Any]], Tensor]
-
-
-def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype sums are taken in for a base tensor of ``dtype``: fp64 for fp64, else fp32.
-
-    Example:
-        >>> import torch
-        >>> accumulate_dtype(torch.bfloat16)
-        torch.float32
-    """
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def add_at(base: Tensor, indices: Tensor, values: Tensor, alpha: float = 1.0) -> Tensor:

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from spdelta.kernels._sddmm import sampled_grad
 from spdelta.quant.nf4 import dequantize, is_nf4
+from spdelta.rules import accumulate_dtype
 from spdelta.types import is_plain
 
 __all__ = ["SparseDeltaLinear", "merge_weight", "sparse_delta_linear"]
@@ -34,7 +35,7 @@ def merge_weight(weight: Tensor, indices: Tensor, values: Tensor) -> Tensor:
         >>> merge_weight(torch.zeros(2, 2), torch.tensor([1]), torch.tensor([2.0])).tolist()
         [[0.0, 2.0], [0.0, 0.0]]
     """
-    acc = _acc_dtype(weight.dtype)
+    acc = accumulate_dtype(weight.dtype)
     dense, src = _dense(weight, acc), values.to(acc)
     if dense is not weight and is_plain(dense) and is_plain(src) and not (
             torch.is_grad_enabled() and (dense.requires_grad or src.requires_grad)):
@@ -42,10 +43,6 @@ def merge_weight(weight: Tensor, indices: Tensor, values: Tensor) -> Tensor:
     else:
         flat = dense.reshape(-1).index_add(0, indices, src)
     return flat.view(weight.shape).to(weight.dtype)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class _Dequantize(torch.autograd.Function):
@@ -134,7 +131,7 @@ class SparseDeltaLinear(torch.autograd.Function):
         if need_x:
             merged = merge_weight(weight, indices, values)
             dx = g @ (merged.t() if ctx.transposed else merged)  # (..., in)
-        acc = _acc_dtype(weight.dtype)
+        acc = accumulate_dtype(weight.dtype)
         g2 = g.reshape(-1, g.shape[-1]).to(acc)  # (tokens, out)
         if need_v or need_w:
             x2 = x.reshape(-1, x.shape[-1]).to(acc)  # (tokens, in)

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from spdelta.delta import DeltaTensor, EntryMap, SparseDelta, check_entry
 from spdelta.errors import DtypeError, KeyMismatchError, LengthError, ParameterError, ShapeError
+from spdelta.rules import accumulate_dtype
 from spdelta.types import Shape
 
 __all__ = [
@@ -174,7 +175,7 @@ def quantize_tensor(
     """
     _check_config(bits, block_size)
     qmax, n = _QMAX[bits], values.numel()
-    acc = torch.float64 if values.dtype == torch.float64 else torch.float32
+    acc = accumulate_dtype(values.dtype)
     v = values.to(acc)
     blocks = torch.nn.functional.pad(v, (0, (-n) % block_size)).view(-1, block_size)
     scales = (blocks.abs().amax(dim=1) / qmax).to(torch.float32)  # (n_blocks,)
@@ -194,7 +195,7 @@ def dequantize_tensor(codes: Tensor, scales: Tensor, *, nnz: int, bits: int, blo
         [63.5, -32.0]
     """
     q = codes if bits == 8 else unpack_int4(codes, nnz)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = accumulate_dtype(dtype)
     s = scales.to(acc).repeat_interleave(block_size)[:nnz]
     return (q.to(acc) * s).to(dtype)
 

@@ -21,10 +21,10 @@ if TYPE_CHECKING:
 def budget_density(shapes: Mapping[str, tuple[int, ...]], cfg: TrainConfig) -> float:
     if cfg.lora_rank is None:
         return 0.01 if cfg.density is None else cfg.density
-    from spdelta.select import budget
+    from spdelta.select import budgets
 
     total = sum(math.prod(s) for s in shapes.values())
-    return budget(shapes, lora_rank=cfg.lora_rank)[""] / total
+    return budgets(shapes, lora_rank=cfg.lora_rank)[""] / total
 
 
 def select_support(cfg: TrainConfig, model: Any, base: Params, names: list[str],
