@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from spdelta.kernels._sddmm import sampled_grad
-from spdelta.quant.nf4 import dequantize, is_nf4
+from spdelta.quant.nf4 import is_nf4, nf4_to_dense
 from spdelta.rules import accumulate_dtype
 from spdelta.types import is_plain
 
@@ -55,7 +55,7 @@ class _Dequantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, weight: Tensor) -> Tensor:  # type: ignore[override]
         """The dequantised weight, a new dense tensor of ``weight.dtype``."""
-        return dequantize(weight)
+        return nf4_to_dense(weight)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> Tensor:  # type: ignore[override]
@@ -79,7 +79,7 @@ def _dense(weight: Tensor, acc: torch.dtype) -> Tensor:
         # under torch.func); eager autograd may ask for its dense gradient (SpIEL's AG).
         if inner is weight and weight.requires_grad:
             return _Dequantize.apply(weight).to(acc)  # type: ignore[no-any-return]
-        return dequantize(inner).to(acc)
+        return nf4_to_dense(inner).to(acc)
     dense = weight.to(acc)
     if dense is weight and not is_plain(weight):
         # A same-dtype ``.to`` is a no-op: a tensor subclass (e.g. an NF4 base behind a

@@ -128,8 +128,8 @@ def test_dequantize_equals_torchao(dtype: torch.dtype) -> None:
     chunk = nf4_mod._CHUNK
     try:
         nf4_mod._CHUNK = 100  # 2304 packed bytes: 24 chunks, the last one partial
-        assert torch.equal(nf4_mod.dequantize(q), q.get_original_weight())
+        assert torch.equal(nf4_mod.nf4_to_dense(q), q.get_original_weight())
     finally:
         nf4_mod._CHUNK = chunk
-    assert torch.equal(nf4_mod.dequantize(q), q.get_original_weight())
-    assert torch.equal(nf4_mod.dequantize(q.t()), q.t().get_original_weight())
+    assert torch.equal(nf4_mod.nf4_to_dense(q), q.get_original_weight())
+    assert torch.equal(nf4_mod.nf4_to_dense(q.t()), q.t().get_original_weight())
