@@ -46,7 +46,7 @@ from spdelta.format._scan import Scan, read_entry, scan_file
 from spdelta.format.constants import KEY_PRODUCER, KEY_VERSION
 from spdelta.format.read import TensorInfo, _raise_if_problems, _user_metadata, tensor_info
 from spdelta.format.write import encode_entry, finish_metadata, merged_metadata, sort_key
-from spdelta.ops.quantize import QuantizedTensor, dequantize_tensor
+from spdelta.quantized import QuantizedTensor, dequantize_tensor
 
 __all__ = ["DeltaReader", "DeltaWriter"]
 
