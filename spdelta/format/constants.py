@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-# The metadata key names are a rule every module follows: they live in spdelta.rules and
-# are re-exported here, where the format's other constants are.
-from spdelta.rules import (
+# The metadata key names are a rule every module follows: they live in spdelta.rules (and
+# its __all__); the format's modules import them from here, beside its other constants.
+from spdelta.rules import (  # noqa: F401
     EXT_PREFIX,
     KEY_BASE_MISMATCH,
     KEY_BASE_MODEL,
@@ -25,26 +25,13 @@ from spdelta.rules import (
 __all__ = [
     "DTYPE_BITS",
     "ENCODINGS",
-    "EXT_PREFIX",
     "FORMAT_VERSION",
     "INDEX_DTYPES",
-    "KEY_BASE_MISMATCH",
-    "KEY_BASE_MODEL",
-    "KEY_FINGERPRINT",
     "KEY_MINORS",
-    "KEY_PRODUCER",
-    "KEY_PROVENANCE",
-    "KEY_RESULT_FINGERPRINT",
-    "KEY_REVISION",
-    "KEY_TENSORS",
-    "KEY_TRAINING",
-    "KEY_VERSION",
-    "KNOWN_KEYS",
     "MAJOR",
     "MAX_HEADER_BYTES",
     "MAX_NUMEL",
     "MINOR",
-    "PREFIX",
     "QUANTIZED_BITS",
     "QUANTIZED_VALUE_DTYPES",
     "REPLACE",

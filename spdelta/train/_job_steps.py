@@ -108,7 +108,7 @@ def fsdp_engine(cfg: TrainConfig, model: Any, state: SpielState, total: int,
         shard_with_deltas,
     )
 
-    # A tensor the global top-k left empty gets no DeltaLinear (FSDP cannot shard 0 values).
+    # A tensor the global top-k left empty gets no attached delta (FSDP cannot shard 0 values).
     model = shard_with_deltas(model, {n: i for n, i in state.support.items() if i.numel()})
     optimizer = make_optimizer(cfg, state.support, {}, total)
     template = fsdp_spiel_init(model, optimizer)  # values/optimizer state as sharded DTensors

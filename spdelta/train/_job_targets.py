@@ -21,7 +21,7 @@ class JobTargets(NamedTuple):
 def job_targets(model: Any, spec: str) -> JobTargets:
     """Resolve ``spec`` on ``model``; its checkpoint layout, what was left out, slow ones."""
     from spdelta.hf.layout import CheckpointLayout
-    from spdelta.kernels import ExpertsRouter, LinearRouter
+    from spdelta.route import ExpertsRouter, LinearRouter
     from spdelta.targets import ALL_LINEAR, left_out, resolve_targets
 
     names = resolve_targets(model, spec)

@@ -18,8 +18,7 @@ from torch import Tensor, nn
 
 from spdelta.delta import SparseDelta
 from spdelta.errors import ParameterError, SpdeltaError
-from spdelta.functional import LossFn, make_loss_fn
-from spdelta.kernels import eager_grad_and_value
+from spdelta.functional import LossFn, eager_grad_and_value, make_loss_fn
 from spdelta.optim import (
     SM3State,
     Transform,

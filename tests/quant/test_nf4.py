@@ -50,7 +50,9 @@ def test_loss_on_nf4_matches_dequantised_base(tiny_llama: torch.nn.Module,
 def test_fast_path_on_nf4_equals_reference(tiny_llama: torch.nn.Module, token_batch: dict,
                                            monkeypatch: pytest.MonkeyPatch, func: bool) -> None:
     """NF4 linears take the fast kernel (no dense merged W) and match the reference merge."""
-    from spdelta.kernels import _route, eager_grad_and_value, sparse_delta_linear
+    from spdelta.functional import eager_grad_and_value
+    from spdelta.kernels import sparse_delta_linear
+    from spdelta.route import _linear as _route
 
     calls = []
 

@@ -11,7 +11,7 @@ from torch import Tensor
 from spdelta import make_loss_fn
 from spdelta.data import encode_prompt_response
 from spdelta.errors import ParameterError
-from spdelta.kernels import eager_grad_and_value
+from spdelta.functional import eager_grad_and_value
 from spdelta.optim import sm3
 from spdelta.train import (
     MicroBatches,
