@@ -14,16 +14,9 @@ Example:
     ['0.weight']
 """
 
+from spdelta.route._attach import AttachedDelta, attach_delta, attached_deltas
 from spdelta.route._experts import ExpertsRouter
-from spdelta.route._linear import (
-    AttachedDelta,
-    LinearRouter,
-    attach_delta,
-    attached_deltas,
-    is_plain_linear,
-    routed_forward,
-    swapped_forwards,
-)
+from spdelta.route._linear import LinearRouter, is_plain_linear, routed_forward, swapped_forwards
 
 __all__ = [
     "AttachedDelta",

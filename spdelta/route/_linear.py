@@ -4,9 +4,8 @@ One mechanism for every way a delta reaches a linear: the module's instance ``fo
 is set to :func:`routed_forward`, which runs :func:`spdelta.kernels.sparse_delta_linear`
 on the module's (unmerged) ``weight`` and a delta's ``(indices, values)``. Where those come
 from is the only difference: :class:`LinearRouter` passes them for one ``functional_call``
-(``make_loss_fn``'s fast path), and :func:`attach_delta` keeps them on the module as a
-``values`` parameter and a ``support`` buffer (FSDP2 training, where the module must own
-what it trains).
+(``make_loss_fn``'s fast path), and :func:`spdelta.route.attach_delta` keeps them on the
+module (FSDP2 training, where the module must own what it trains).
 """
 
 from __future__ import annotations
@@ -15,17 +14,14 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
-from typing import Any, NamedTuple, cast
+from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from spdelta.errors import KeyMismatchError
 from spdelta.kernels import sparse_delta_linear
 
 __all__ = [
-    "AttachedDelta", "LinearRouter", "attach_delta", "attached_deltas", "is_plain_linear",
-    "routed_forward", "swapped_forwards",
+    "LinearRouter", "is_plain_linear", "routed_forward", "swapped_forwards",
 ]
 
 
@@ -48,6 +44,7 @@ def routed_forward(module: nn.Module, transposed: bool, indices: Tensor, values:
         ``(..., out_features)``, as the module's own forward with the merged weight.
 
     Example:
+        >>> import torch
         >>> lin = nn.Linear(2, 1, bias=False)
         >>> with torch.no_grad():
         ...     _ = lin.weight.zero_()
@@ -57,11 +54,6 @@ def routed_forward(module: nn.Module, transposed: bool, indices: Tensor, values:
     """
     return sparse_delta_linear(input, module.weight, module.bias, indices,  # type: ignore[arg-type]
                                values, transposed=transposed)
-
-
-def _attached_forward(module: nn.Module, transposed: bool, input: Tensor) -> Tensor:  # noqa: A002
-    return routed_forward(module, transposed, module.support, module.values,  # type: ignore[arg-type]
-                          input)
 
 
 def is_plain_linear(module: nn.Module) -> bool:
@@ -156,6 +148,7 @@ def swapped_forwards(forwards: Sequence[tuple[nn.Module, Callable[..., Any]]]) -
         forwards: ``(module, forward)`` pairs; ``forward(input)`` replaces the module's.
 
     Example:
+        >>> import torch
         >>> lin = nn.Linear(1, 1)
         >>> with swapped_forwards([(lin, lambda x: x * 0 + 7)]):
         ...     inside = lin(torch.ones(1, 1)).item()
@@ -174,74 +167,3 @@ def swapped_forwards(forwards: Sequence[tuple[nn.Module, Callable[..., Any]]]) -
                 del module.forward
             else:
                 module.forward = previous
-
-
-def attach_delta(module: nn.Module, support: Tensor) -> None:
-    """Give a plain linear a trainable sparse delta that its own forward applies.
-
-    Adds a ``values`` parameter (zeros, the weight's dtype and device) and a ``support``
-    buffer to ``module`` (so a model's state-dict names gain ``<m>.values`` and
-    ``<m>.support``; ``<m>.weight`` and ``<m>.bias`` are unchanged) and sets its instance
-    ``forward`` to :func:`routed_forward` over them. The module's other attributes,
-    hooks and class are kept, so wrappers such as FSDP2's ``fully_shard`` see the same
-    module. The values are trained by ordinary autograd on the module.
-
-    Args:
-        module: A plain ``nn.Linear`` or transformers ``Conv1D`` (see
-            :class:`LinearRouter`); changed in place.
-        support: 1-D int64 sorted unique flat indices into ``module.weight``.
-
-    Raises:
-        KeyMismatchError: ``module`` is not a plain linear, or already has a delta.
-
-    Example:
-        >>> lin = nn.Linear(2, 1, bias=False)
-        >>> attach_delta(lin, torch.tensor([1]))
-        >>> with torch.no_grad():
-        ...     _ = lin.weight.zero_(), lin.values.fill_(3.0)
-        >>> lin(torch.ones(1, 2)).tolist(), sorted(dict(lin.named_parameters()))
-        ([[3.0]], ['values', 'weight'])
-    """
-    transposed = _kind(module)
-    if transposed is None or "forward" in module.__dict__:
-        raise KeyMismatchError(
-            f"attach_delta: {type(module).__name__} is not a plain nn.Linear or Conv1D without "
-            "a delta; deltas attach to the weight of such a layer only.")
-    w = cast(Tensor, module.weight)
-    module.values = nn.Parameter(torch.zeros(support.numel(), dtype=w.dtype, device=w.device))
-    module.register_buffer("support", support.to(w.device, torch.int64))
-    module.forward = partial(_attached_forward, module, transposed)  # type: ignore[method-assign]
-
-
-class AttachedDelta(NamedTuple):
-    """A delta that :func:`attach_delta` put on a module.
-
-    Attributes:
-        module: The module; its ``values`` parameter is read from it at call time (FSDP2
-            swaps sharded and gathered parameters in and out).
-        support: The module's ``support`` buffer itself (write it in place to move the
-            support, e.g. on SpIEL regrowth).
-        shape: The dense shape of the weight.
-    """
-
-    module: nn.Module
-    support: Tensor
-    shape: tuple[int, ...]
-
-
-def attached_deltas(model: nn.Module) -> dict[str, AttachedDelta]:
-    """Weight name -> its :class:`AttachedDelta`, for each module given one by :func:`attach_delta`.
-
-    Example:
-        >>> model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
-        >>> attach_delta(model[1], torch.tensor([0]))
-        >>> {n: (d.support.tolist(), d.shape) for n, d in attached_deltas(model).items()}
-        {'1.weight': ([0], (2, 2))}
-    """
-    out = {}
-    for n, m in model.named_modules():
-        forward = m.__dict__.get("forward")
-        if isinstance(forward, partial) and forward.func is _attached_forward:
-            out[f"{n}.weight" if n else "weight"] = AttachedDelta(
-                m, cast(Tensor, m.support), tuple(cast(Tensor, m.weight).shape))
-    return out
