@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from spdelta.errors import ParameterError, ShapeError
-from spdelta.rules import budget
+from spdelta.rules import accumulate_dtype, budget
 from spdelta.types import Shape, Support
 
 __all__ = ["budgets", "lora_budget", "select_topk"]
@@ -102,8 +102,7 @@ def budgets(
 def _keys(scores: Tensor) -> Tensor:
     """Int64 keys whose signed order is the float order of ``scores`` (flattened)."""
     s = scores.detach().reshape(-1)
-    if s.dtype != torch.float64:
-        s = s.to(torch.float32)
+    s = s.to(accumulate_dtype(s.dtype))  # compared in fp32 (fp64 scores as they are)
     s = s + 0.0  # -0.0 + 0.0 == +0.0: equal scores get equal keys
     if s.dtype == torch.float64:
         bits = s.view(torch.int64)
