@@ -1,12 +1,14 @@
 """Delta-file tools streamed one tensor at a time: merge, compose, quantize, convert.
 
 Every tool opens its inputs with :class:`~spdelta.format.stream.DeltaReader`, checks that
-they fit together (:func:`check_inputs`), then reads, transforms and writes one tensor at a
-time through :class:`~spdelta.format.stream.DeltaWriter`: peak memory is bounded by the
-largest tensor (times the number of inputs), not by the model. Outputs are atomic and
-record ``spdelta.provenance`` (inputs' sha256, operation, parameters, spdelta version,
-command). The maths is :mod:`spdelta.ops`' per-tensor kernels, so a streamed merge equals
-the in-memory :func:`spdelta.ops.merge` of the loaded files.
+they fit together (:func:`spdelta.format.check_inputs`), then reads, transforms and writes
+one tensor at a time through :class:`~spdelta.format.stream.DeltaWriter`: peak memory is
+bounded by the largest tensor (times the number of inputs), not by the model. Outputs are
+atomic and record ``spdelta.provenance`` (inputs' sha256, operation, parameters, spdelta
+version, command). The maths is :mod:`spdelta.ops`' per-tensor kernels, so a streamed
+merge equals the in-memory :func:`spdelta.ops.merge` of the loaded files. This module sits
+above both :mod:`spdelta.ops` and :mod:`spdelta.format`; each tool returns a
+:class:`FileReport`.
 
 Example:
     >>> import os, tempfile, torch
@@ -205,7 +207,8 @@ def merge_files(
 
     Raises:
         ParameterError: A merge parameter is invalid.
-        ShapeError, BaseMismatchError: The inputs do not fit together (see :func:`check_inputs`).
+        ShapeError, BaseMismatchError: The inputs do not fit together (see
+            :func:`spdelta.format.check_inputs`).
         FormatError: An input is not a valid delta file.
         OutputExistsError: ``output`` exists and ``overwrite`` is false.
     """
