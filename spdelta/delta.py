@@ -15,13 +15,16 @@ from spdelta.errors import (
     FormatError,
     IndexOrderError,
     IndexRangeError,
+    KeyMismatchError,
     LengthError,
     MetadataError,
     NonFiniteError,
     ShapeError,
     SpdeltaError,
     TensorSetError,
+    format_names,
 )
+from spdelta.rules import budget, topk_indices
 from spdelta.types import Shape
 
 __all__ = ["DeltaTensor", "EntryMap", "SparseDelta", "check_entry", "numel_of"]
@@ -293,8 +296,6 @@ class SparseDelta(EntryMap[DeltaTensor]):
             1
         """
         if set(support) != set(values):
-            from spdelta.errors import KeyMismatchError, format_names
-
             raise KeyMismatchError(
                 f"support and values must have the same names; only in support: "
                 f"[{format_names(set(support) - set(values))}], only in values: "
@@ -346,7 +347,7 @@ class SparseDelta(EntryMap[DeltaTensor]):
             if density is None and k is None:
                 idx = torch.nonzero(flat).reshape(-1)
             else:
-                kk = k if k is not None else math.floor(density * flat.numel() + 0.5)  # type: ignore[operator]
+                kk = budget(density, flat.numel()) if density is not None else (k or 0)
                 idx = topk_indices(flat.abs(), min(kk, flat.numel()))
             entries[name] = (tuple(x.shape), idx, flat[idx])
         return cls(entries, metadata=metadata)
@@ -437,28 +438,6 @@ class SparseDelta(EntryMap[DeltaTensor]):
         numel = self.numel
         density = self.nnz / numel if numel else 0.0
         return f"SparseDelta({len(self)} tensors, nnz={self.nnz}, density={density:.4g})"
-
-
-def topk_indices(scores: Tensor, k: int) -> Tensor:
-    """Sorted int64 indices of the ``k`` largest entries of 1-D ``scores``; ties to the lower index.
-
-    Example:
-        >>> import torch
-        >>> topk_indices(torch.tensor([1.0, 3.0, 3.0, 0.0]), 2).tolist()
-        [1, 2]
-    """
-    if k <= 0:
-        return torch.zeros(0, dtype=torch.long, device=scores.device)
-    if k >= scores.numel() or bool(torch.isnan(scores).any()):
-        # A stable descending sort keeps equal scores in index order: deterministic ties.
-        order = torch.sort(scores, descending=True, stable=True).indices[:k]
-        return torch.sort(order).values
-    # Same result without sorting all of ``scores`` (9x faster for k << numel): take
-    # everything above the k-th largest value, then the lowest-index entries equal to it.
-    kth = torch.topk(scores, k, sorted=False).values.min()
-    above = (scores > kth).nonzero().flatten()
-    ties = (scores == kth).nonzero().flatten()[: k - above.numel()]
-    return torch.sort(torch.cat([above, ties])).values
 
 
 def _combine(problems: Sequence[SpdeltaError]) -> SpdeltaError:

@@ -10,9 +10,10 @@ import torch
 from torch import Tensor
 
 from spdelta.errors import ParameterError, ShapeError
+from spdelta.rules import accumulate_dtype, budget
 from spdelta.types import Shape, Support
 
-__all__ = ["budget", "lora_budget", "select_topk"]
+__all__ = ["budgets", "lora_budget", "select_topk"]
 
 Scope = Literal["global", "per_tensor"]
 _RADIX = 16  # bits per selection pass: 2 passes for fp32 scores, 4 for fp64
@@ -34,7 +35,7 @@ def lora_budget(shape: Shape, rank: int) -> int:
     return rank * (shape[0] + shape[1]) if len(shape) == 2 else 0
 
 
-def budget(
+def budgets(
     shapes: Mapping[str, Shape],
     *,
     density: float | None = None,
@@ -44,7 +45,8 @@ def budget(
 ) -> dict[str, int]:
     """Number of entries :func:`select_topk` keeps; ``{"": total}`` for the global scope.
 
-    Budgets: ``density`` -> ``floor(density * numel + 0.5)``; ``k`` -> ``k``;
+    Budgets: ``density`` -> :func:`spdelta.rules.budget` of the entries drawn from,
+    ``floor(density * numel + 0.5)``; ``k`` -> ``k``;
     ``lora_rank=r`` -> ``sum(r * (rows + cols))`` over the 2-D tensors (one term per
     expert of a 3-D expert tensor; per tensor: that tensor's terms). Every budget is
     capped at the number of entries it draws from.
@@ -64,7 +66,7 @@ def budget(
             of range, or ``scope`` is unknown.
 
     Example:
-        >>> budget({"a": (4, 4), "b": (4,)}, lora_rank=1)
+        >>> budgets({"a": (4, 4), "b": (4,)}, lora_rank=1)
         {'': 8}
     """
     given = [x for x in (density, k, lora_rank) if x is not None]
@@ -87,7 +89,7 @@ def budget(
 
     def raw(names: Sequence[str]) -> int:
         if density is not None:
-            return math.floor(density * sum(numel[n] for n in names) + 0.5)
+            return budget(density, sum(numel[n] for n in names))
         if k is not None:
             return k
         return sum(lora_budget(tuple(shapes[n]), lora_rank or 0) for n in names)
@@ -100,8 +102,7 @@ def budget(
 def _keys(scores: Tensor) -> Tensor:
     """Int64 keys whose signed order is the float order of ``scores`` (flattened)."""
     s = scores.detach().reshape(-1)
-    if s.dtype != torch.float64:
-        s = s.to(torch.float32)
+    s = s.to(accumulate_dtype(s.dtype))  # compared in fp32 (fp64 scores as they are)
     s = s + 0.0  # -0.0 + 0.0 == +0.0: equal scores get equal keys
     if s.dtype == torch.float64:
         bits = s.view(torch.int64)
@@ -225,10 +226,10 @@ def select_topk(
             f"select_topk: scores of [{', '.join(map(repr, nan[:10]))}] contain "
             "NaN; check the calibration data and the metric."
         )
-    budgets = budget(dense, density=density, k=k, lora_rank=lora_rank, scope=scope)
+    counts = budgets(dense, density=density, k=k, lora_rank=lora_rank, scope=scope)
     if scope == "global":
-        return _select(scores, names, budgets[""])
+        return _select(scores, names, counts[""])
     out: Support = {}
     for n in names:
-        out.update(_select(scores, [n], budgets[n]))
+        out.update(_select(scores, [n], counts[n]))
     return out

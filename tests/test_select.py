@@ -9,9 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spdelta.delta import topk_indices
 from spdelta.errors import ShapeError, SpdeltaError
-from spdelta.select import budget, select_topk
+from spdelta.rules import topk_indices
+from spdelta.select import budgets, select_topk
 
 SHAPES = [(0,), (1,), (1, 1), (3,), (2, 3), (4, 5), (0, 4), (7, 2)]
 
@@ -30,7 +30,7 @@ def score_dicts(draw: st.DrawFn) -> dict[str, torch.Tensor]:
     return out
 
 
-budgets = st.one_of(
+budget_kwargs = st.one_of(
     st.fixed_dictionaries({"density": st.one_of(st.sampled_from([0.0, 1.0]), st.floats(0, 1))}),
     st.fixed_dictionaries({"k": st.integers(0, 60)}),
     st.fixed_dictionaries({"lora_rank": st.integers(0, 3)}),
@@ -51,11 +51,11 @@ def reference(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor
 
 
 @settings(max_examples=150, deadline=None)
-@given(scores=score_dicts(), kw=budgets, scope=st.sampled_from(["global", "per_tensor"]))
+@given(scores=score_dicts(), kw=budget_kwargs, scope=st.sampled_from(["global", "per_tensor"]))
 def test_nnz_equals_budget_and_matches_reference(scores: dict[str, torch.Tensor], kw: dict,
                                                  scope: str) -> None:
     shapes = {n: tuple(s.shape) for n, s in scores.items()}
-    want = budget(shapes, scope=scope, **kw)  # type: ignore[arg-type]
+    want = budgets(shapes, scope=scope, **kw)  # type: ignore[arg-type]
     got = select_topk(scores, scope=scope, **kw)  # type: ignore[arg-type]
     assert sorted(got) == sorted(scores)
     for n, idx in got.items():
@@ -75,20 +75,20 @@ def test_nnz_equals_budget_and_matches_reference(scores: dict[str, torch.Tensor]
 def test_budget_formulas() -> None:
     shapes = {"a": (64, 32), "b": (32,), "c": (8, 8)}
     total = 64 * 32 + 32 + 64
-    assert budget(shapes, lora_rank=4) == {"": 4 * (64 + 32) + 4 * 16}
-    assert budget(shapes, lora_rank=4, scope="per_tensor") == {"a": 384, "b": 0, "c": 64}
-    assert budget(shapes, density=0.01) == {"": math.floor(0.01 * total + 0.5)}
-    assert budget(shapes, k=10 ** 9) == {"": total}  # capped
-    assert budget(shapes, k=5, scope="per_tensor") == {"a": 5, "b": 5, "c": 5}
+    assert budgets(shapes, lora_rank=4) == {"": 4 * (64 + 32) + 4 * 16}
+    assert budgets(shapes, lora_rank=4, scope="per_tensor") == {"a": 384, "b": 0, "c": 64}
+    assert budgets(shapes, density=0.01) == {"": math.floor(0.01 * total + 0.5)}
+    assert budgets(shapes, k=10 ** 9) == {"": total}  # capped
+    assert budgets(shapes, k=5, scope="per_tensor") == {"a": 5, "b": 5, "c": 5}
 
 
 def test_lora_budget_of_fused_experts_is_one_lora_per_expert() -> None:
     """(experts, out, in): peft's target_parameters LoRA has lora_A (r * E, in) and
     lora_B (out, r * E), i.e. E LoRAs of rank r; a density budget counts every entry."""
     shapes = {"experts.gate_up_proj": (4, 96, 32), "q": (32, 32)}
-    assert budget(shapes, lora_rank=2, scope="per_tensor") == {
+    assert budgets(shapes, lora_rank=2, scope="per_tensor") == {
         "experts.gate_up_proj": 2 * 4 * 96 + 2 * 4 * 32, "q": 2 * 64}
-    assert budget(shapes, density=0.5) == {"": (4 * 96 * 32 + 32 * 32) // 2}
+    assert budgets(shapes, density=0.5) == {"": (4 * 96 * 32 + 32 * 32) // 2}
 
 
 def test_lora_rank_budget_selects_lora_count() -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 from spdelta.cli._common import AtLeastTwo, add_output, command_of, new_parser
 from spdelta.cli.merge import print_report
-from spdelta.format import compose_files
+from spdelta.files import compose_files
 
 NAME = "compose"
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from spdelta.cli._common import VALUE_DTYPES, add_output, command_of, new_parser
 from spdelta.cli.merge import print_report
-from spdelta.format import convert_file
+from spdelta.files import convert_file
 from spdelta.format.constants import ENCODINGS
 
 NAME = "convert"

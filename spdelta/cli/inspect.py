@@ -8,6 +8,7 @@ from typing import Any
 
 from spdelta.cli._common import new_parser, print_json, printable
 from spdelta.format import read_header
+from spdelta.rules import KEY_TENSORS, KEY_VERSION
 
 NAME = "inspect"
 _COLUMNS = (
@@ -52,10 +53,10 @@ def describe(path: str) -> dict[str, Any]:
         }
     nnz = sum(i.nnz for i in infos.values())
     nbytes = sum(i.nbytes for i in infos.values())
-    user = {k: v for k, v in meta.items() if k not in ("spdelta.format_version", "spdelta.tensors")}
+    user = {k: v for k, v in meta.items() if k not in (KEY_VERSION, KEY_TENSORS)}
     return {
         "file": path,
-        "format_version": meta["spdelta.format_version"],
+        "format_version": meta[KEY_VERSION],
         "tensors": tensors,
         "total": {
             "tensors": len(infos),

@@ -15,7 +15,7 @@ from spdelta.cli._common import (
     print_json,
     scalar_or_list,
 )
-from spdelta.format import merge_files
+from spdelta.files import FileReport, merge_files
 from spdelta.ops import MERGE_METHODS
 
 NAME = "merge"
@@ -93,8 +93,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_report(report: dict[str, Any], as_json: bool) -> None:
+def print_report(file_report: FileReport, as_json: bool) -> None:
     """Print a file tool's report: JSON, or one summary line."""
+    report = file_report.to_dict()  # the fields that apply to this operation
     if as_json:
         print_json(report)
     elif not report["written"]:

@@ -7,7 +7,7 @@ from typing import Any
 
 from spdelta.cli._common import add_output, command_of, new_parser
 from spdelta.cli.merge import print_report
-from spdelta.format import quantize_file
+from spdelta.files import quantize_file
 
 NAME = "quantize"
 

@@ -24,7 +24,6 @@ Example:
 from spdelta.dist._ckpt import load_checkpoint, save_checkpoint
 from spdelta.dist._env import DistEnv, init_from_env, rank_and_world, shard_batch, shard_batches
 from spdelta.dist._fsdp import (
-    DeltaLinear,
     fsdp_delta,
     fsdp_init,
     make_fsdp_train_step,
@@ -48,7 +47,6 @@ from spdelta.dist._sync import (
 
 __all__ = [
     "DIST_METRICS",
-    "DeltaLinear",
     "DistEnv",
     "all_reduce_mean",
     "all_reduce_sum",

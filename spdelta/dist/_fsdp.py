@@ -14,52 +14,16 @@ from torch.distributed.tensor import DTensor
 from spdelta.delta import SparseDelta
 from spdelta.dist._sync import all_reduce_mean
 from spdelta.errors import KeyMismatchError, SpdeltaError, format_names
-from spdelta.kernels import sparse_delta_linear
 from spdelta.optim import Transform, apply_updates
+from spdelta.route import AttachedDelta, attach_delta, attached_deltas, is_plain_linear
 from spdelta.train import TrainState
 from spdelta.train.spiel import SpielState
 from spdelta.types import Support, Values
 
-__all__ = ["DeltaLinear", "fsdp_delta", "fsdp_init", "make_fsdp_train_step", "shard_with_deltas"]
+__all__ = ["fsdp_delta", "fsdp_init", "make_fsdp_train_step", "shard_with_deltas"]
 
 Batch = Mapping[str, Any]
 _VALUES = "values"
-
-
-class DeltaLinear(nn.Module):
-    """``nn.Linear`` whose frozen ``weight`` gets a trainable sparse delta: ``x (W + D)^T + b``.
-
-    Holds the original ``weight`` and ``bias`` (same names, so state-dict names and
-    FSDP sharding are unchanged), a ``values`` parameter and a ``support`` buffer; runs
-    :func:`spdelta.kernels.sparse_delta_linear` (no dense ``W + D`` kept for backward).
-
-    Args:
-        linear: The layer to wrap; its parameters are reused, not copied.
-        support: 1-D int64 sorted unique flat indices into ``linear.weight``.
-
-    Example:
-        >>> import torch
-        >>> layer = DeltaLinear(torch.nn.Linear(2, 1, bias=False), torch.tensor([1]))
-        >>> layer.values.shape, layer.weight.requires_grad
-        (torch.Size([1]), False)
-    """
-
-    support: Tensor
-
-    def __init__(self, linear: nn.Linear, support: Tensor) -> None:
-        super().__init__()
-        self.weight = linear.weight
-        self.bias = linear.bias
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
-        w = linear.weight
-        self.values = nn.Parameter(torch.zeros(support.numel(), dtype=w.dtype, device=w.device))
-        self.register_buffer("support", support.to(w.device, torch.int64))
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``x (W + D)^T + b``; shapes as ``nn.Linear``."""
-        return sparse_delta_linear(x, self.weight, self.bias, self.support, self.values)
 
 
 def _default_wrap(name: str, module: nn.Module) -> bool:
@@ -71,13 +35,15 @@ def shard_with_deltas(
     model: nn.Module, support: Support, *,
     wrap: Callable[[str, nn.Module], bool] | None = None, **fsdp_kwargs: Any,
 ) -> nn.Module:
-    """Put a trainable sparse delta on each supported ``nn.Linear`` weight, then ``fully_shard``.
+    """Put a trainable sparse delta on each supported linear weight, then ``fully_shard``.
 
-    Each ``<m>.weight`` in ``support`` becomes a :class:`DeltaLinear` (parameter
-    ``<m>.values``); every other parameter is frozen. ``fully_shard`` is applied to each
-    module ``wrap`` selects (default: classes named ``*DecoderLayer``/``*Block``), then
-    to the root, so a layer's base weights and values are all-gathered just before it
-    runs and freed after; values' gradients are reduce-scattered (averaged over ranks).
+    Each ``<m>.weight`` in ``support`` gets a delta by :func:`spdelta.route.attach_delta`
+    (parameter ``<m>.values``, buffer ``<m>.support``; the module runs the same routed
+    forward as ``make_loss_fn``'s fast path); every other parameter is frozen.
+    ``fully_shard`` is applied to each module ``wrap`` selects (default: classes named
+    ``*DecoderLayer``/``*Block``), then to the root, so a layer's base weights and values
+    are all-gathered just before it runs and freed after; values' gradients are
+    reduce-scattered (averaged over ranks).
     The model is changed in place (as FSDP2 itself does) and returned.
 
     ``functional_call`` cannot drive FSDP2: FSDP swaps its own gathered parameters into
@@ -86,7 +52,8 @@ def shard_with_deltas(
 
     Args:
         model: The model on its compute device, the same weights on every rank.
-        support: ``<m>.weight`` -> sorted int64 indices, for plain ``nn.Linear`` modules.
+        support: ``<m>.weight`` -> sorted int64 indices, for plain ``nn.Linear`` (or
+            transformers ``Conv1D``) modules.
         wrap: ``wrap(name, module) -> bool`` chooses the sharding units.
         **fsdp_kwargs: Passed to ``fully_shard`` (e.g. ``mesh``, ``reshard_after_forward``).
 
@@ -94,7 +61,7 @@ def shard_with_deltas(
         ``model``, sharded.
 
     Raises:
-        KeyMismatchError: A support name is not the ``weight`` of an ``nn.Linear``.
+        KeyMismatchError: A support name is not the ``weight`` of a plain linear.
 
     Example:
         >>> support = {"model.layers.0.mlp.up_proj.weight": idx}  # doctest: +SKIP
@@ -102,17 +69,15 @@ def shard_with_deltas(
     """
     modules = dict(model.named_modules())
     bad = [n for n in support if not n.endswith(".weight")
-           or type(modules.get(n[: -len(".weight")])) is not nn.Linear]
+           or not is_plain_linear(modules.get(n[: -len(".weight")], nn.Identity()))]
     if bad:
         raise KeyMismatchError(f"shard_with_deltas: FSDP training supports deltas on plain "
-                               f"nn.Linear weights only; these are not: [{format_names(bad)}].")
+                               "nn.Linear or Conv1D weights only; these are not: "
+                               f"[{format_names(bad)}].")
     for p in model.parameters():
         p.requires_grad_(False)
     for name in sorted(support):
-        path = name[: -len(".weight")]
-        parent_name, _, child = path.rpartition(".")
-        parent = modules[parent_name] if parent_name else model
-        setattr(parent, child, DeltaLinear(modules[path], support[name]))
+        attach_delta(modules[name[: -len(".weight")]], support[name])
     choose = wrap or _default_wrap
     for name, module in model.named_modules():
         if name and choose(name, module):
@@ -122,17 +87,17 @@ def shard_with_deltas(
 
 
 def _value_params(model: nn.Module) -> dict[str, nn.Parameter]:
-    """HF weight name -> the ``values`` parameter of its :class:`DeltaLinear`."""
+    """HF weight name -> the ``values`` parameter of its attached delta."""
     out = {n[: -len(_VALUES)] + "weight": p for n, p in model.named_parameters()
            if n.endswith("." + _VALUES)}
     if not out:
-        raise SpdeltaError("no DeltaLinear values in the model; call shard_with_deltas first.")
+        raise SpdeltaError("no delta values in the model; call shard_with_deltas first.")
     return out
 
 
-def _delta_layers(model: nn.Module) -> dict[str, DeltaLinear]:
-    """HF weight name -> its :class:`DeltaLinear`."""
-    return {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, DeltaLinear)}
+def _delta_layers(model: nn.Module) -> dict[str, AttachedDelta]:
+    """HF weight name -> the delta attached to its module (``support`` buffer, shape)."""
+    return attached_deltas(model)
 
 
 def _forward_backward(model: nn.Module, params: Mapping[str, nn.Parameter], values: Values,
@@ -231,5 +196,5 @@ def fsdp_delta(model: nn.Module, state: TrainState | SpielState) -> SparseDelta:
         for n in _value_params(model):
             support[n] = supports.get(n, layers[n].support).clone()
             values[n] = _whole(state.values[n]).detach().clone()
-            shapes[n] = tuple(layers[n].weight.shape)
+            shapes[n] = layers[n].shape
     return SparseDelta.from_support(support, values, shapes)

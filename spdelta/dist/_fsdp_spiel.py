@@ -12,7 +12,6 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from spdelta.dist._fsdp import (
     Batch,
-    DeltaLinear,
     _delta_layers,
     _forward_backward,
     _value_params,
@@ -21,6 +20,7 @@ from spdelta.dist._fsdp import (
 from spdelta.dist._sync import all_reduce_mean, assert_replicated
 from spdelta.errors import ParameterError
 from spdelta.optim import Transform, apply_updates, remap_state
+from spdelta.route import AttachedDelta
 from spdelta.optim.reset import state_from_tree, state_to_tree
 from spdelta.train.spiel import (
     Regrowth,
@@ -39,7 +39,7 @@ def fsdp_spiel_init(model: nn.Module, optimizer: Transform) -> SpielState:
     """Step-0 SpIEL state for a model from :func:`shard_with_deltas`.
 
     ``values`` are sharded DTensors (copies of the module's), ``support`` the full
-    supports of the :class:`DeltaLinear` buffers (identical on every rank), the
+    supports of the modules' ``support`` buffers (identical on every rank), the
     optimizer state is fresh and sharded like the values, ``grad_acc`` is empty and
     there is no generator state. Also the ``template`` to pass to
     :func:`~spdelta.dist.load_checkpoint` to resume at any world size.
@@ -111,7 +111,7 @@ def _accumulate(grad_acc: Values, weights: Mapping[str, nn.Parameter], values: V
     return out
 
 
-def _regrow(state: SpielState, fraction: float, layers: Mapping[str, DeltaLinear]
+def _regrow(state: SpielState, fraction: float, layers: Mapping[str, AttachedDelta]
             ) -> tuple[SpielState, int]:
     """:func:`prune_regrow` per tensor on whole (gathered) values and scores, then reshard."""
     values, support, opt_state = dict(state.values), dict(state.support), state.opt_state
@@ -140,7 +140,7 @@ def make_fsdp_spiel_step(
     ``t`` regrows when ``t % update_every == 0`` and ``t < total_steps``, and AG sums
     the dense gradient of each target weight over the ``accumulate_steps`` steps
     ending there. During those steps the frozen base weights of the
-    :class:`DeltaLinear` layers are marked as requiring a gradient, so FSDP2
+    modules carrying a delta are marked as requiring a gradient, so FSDP2
     reduce-scatters their rank-mean dense gradient like the values' (the kernel
     computes ``dL/dW = g^T x`` once and gathers the values' gradient from it); the
     sum stays sharded like the weight in ``state.grad_acc`` (DTensors of shape

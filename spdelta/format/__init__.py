@@ -13,22 +13,14 @@ Example:
 
 from spdelta.format.codec import choose_encoding, decode_indices, encode_indices, encoded_nbytes
 from spdelta.format.constants import FORMAT_VERSION
-from spdelta.format.files import (
-    BaseMismatchError,
-    check_inputs,
-    compose_files,
-    convert_file,
-    file_sha256,
-    merge_files,
-    quantize_file,
-)
+from spdelta.format.inputs import CheckedInputs, check_inputs, file_sha256
 from spdelta.format.read import TensorInfo, load_delta, load_patch, load_quantized, read_header
 from spdelta.format.stream import DeltaReader, DeltaWriter
 from spdelta.format.validate import Problem, validate_file
 from spdelta.format.write import save_delta
 
 __all__ = [
-    "BaseMismatchError",
+    "CheckedInputs",
     "DeltaReader",
     "DeltaWriter",
     "FORMAT_VERSION",
@@ -36,8 +28,6 @@ __all__ = [
     "TensorInfo",
     "check_inputs",
     "choose_encoding",
-    "compose_files",
-    "convert_file",
     "decode_indices",
     "encode_indices",
     "encoded_nbytes",
@@ -45,8 +35,6 @@ __all__ = [
     "load_delta",
     "load_patch",
     "load_quantized",
-    "merge_files",
-    "quantize_file",
     "read_header",
     "save_delta",
     "validate_file",

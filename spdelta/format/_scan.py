@@ -36,7 +36,7 @@ from spdelta.format.constants import (
     SCALE_DTYPE,
     VALUE_DTYPES,
 )
-from spdelta.ops.quantize import QuantizedTensor, unpack_int4
+from spdelta.quantized import QuantizedTensor, unpack_int4
 
 __all__ = ["Entry", "Scan", "read_entry", "scan_file", "stored_parts"]
 

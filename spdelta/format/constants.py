@@ -4,29 +4,34 @@ from __future__ import annotations
 
 import torch
 
+# The metadata key names are a rule every module follows: they live in spdelta.rules (and
+# its __all__); the format's modules import them from here, beside its other constants.
+from spdelta.rules import (  # noqa: F401
+    EXT_PREFIX,
+    KEY_BASE_MISMATCH,
+    KEY_BASE_MODEL,
+    KEY_FINGERPRINT,
+    KEY_PRODUCER,
+    KEY_PROVENANCE,
+    KEY_RESULT_FINGERPRINT,
+    KEY_REVISION,
+    KEY_TENSORS,
+    KEY_TRAINING,
+    KEY_VERSION,
+    KNOWN_KEYS,
+    PREFIX,
+)
+
 __all__ = [
     "DTYPE_BITS",
     "ENCODINGS",
-    "EXT_PREFIX",
     "FORMAT_VERSION",
     "INDEX_DTYPES",
-    "KEY_BASE_MISMATCH",
-    "KEY_BASE_MODEL",
-    "KEY_FINGERPRINT",
     "KEY_MINORS",
-    "KEY_PRODUCER",
-    "KEY_PROVENANCE",
-    "KEY_RESULT_FINGERPRINT",
-    "KEY_REVISION",
-    "KEY_TENSORS",
-    "KEY_TRAINING",
-    "KEY_VERSION",
-    "KNOWN_KEYS",
     "MAJOR",
     "MAX_HEADER_BYTES",
     "MAX_NUMEL",
     "MINOR",
-    "PREFIX",
     "QUANTIZED_BITS",
     "QUANTIZED_VALUE_DTYPES",
     "REPLACE",
@@ -45,35 +50,6 @@ __all__ = [
 #: or a ``spdelta.result.fingerprint``.
 MAJOR, MINOR = 1, 3
 FORMAT_VERSION = f"{MAJOR}.{MINOR}"
-
-#: Reserved metadata namespace, and the extension namespace readers ignore (spec §5).
-PREFIX = "spdelta."
-EXT_PREFIX = "spdelta.ext."
-KEY_VERSION = "spdelta.format_version"
-KEY_TENSORS = "spdelta.tensors"
-KEY_BASE_MODEL = "spdelta.base_model"
-KEY_REVISION = "spdelta.base_model.revision"
-KEY_FINGERPRINT = "spdelta.base_model.fingerprint"
-KEY_BASE_MISMATCH = "spdelta.base_model.mismatch"
-KEY_PRODUCER = "spdelta.producer"
-KEY_PROVENANCE = "spdelta.provenance"
-KEY_TRAINING = "spdelta.training"
-KEY_RESULT_FINGERPRINT = "spdelta.result.fingerprint"
-#: Every reserved key this reader knows.
-KNOWN_KEYS = frozenset(
-    {
-        KEY_BASE_MISMATCH,
-        KEY_VERSION,
-        KEY_TENSORS,
-        KEY_BASE_MODEL,
-        KEY_REVISION,
-        KEY_FINGERPRINT,
-        KEY_PRODUCER,
-        KEY_PROVENANCE,
-        KEY_TRAINING,
-        KEY_RESULT_FINGERPRINT,
-    }
-)
 
 #: Reserved keys defined after 1.0 -> the MINOR that defines them (spec §5, §8).
 KEY_MINORS: dict[str, int] = {KEY_BASE_MISMATCH: 2, KEY_RESULT_FINGERPRINT: 3}

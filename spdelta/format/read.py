@@ -16,7 +16,7 @@ from spdelta.format._container import Header
 from spdelta.format._metadata import TensorSpec
 from spdelta.format._scan import Scan, scan_file
 from spdelta.format.constants import EXT_PREFIX, KEY_TENSORS, KEY_VERSION, KNOWN_KEYS, PREFIX
-from spdelta.ops.quantize import QuantizedDelta, dequantize_tensor
+from spdelta.quantized import QuantizedDelta, dequantize_tensor
 
 __all__ = ["TensorInfo", "load_delta", "load_patch", "load_quantized", "read_header"]
 

@@ -43,10 +43,10 @@ from spdelta.errors import OutputExistsError, ParameterError, SpdeltaError
 from spdelta.format._container import encode_header
 from spdelta.format._metadata import TensorSpec
 from spdelta.format._scan import Scan, read_entry, scan_file
-from spdelta.format.constants import KEY_PRODUCER
+from spdelta.format.constants import KEY_PRODUCER, KEY_VERSION
 from spdelta.format.read import TensorInfo, _raise_if_problems, _user_metadata, tensor_info
 from spdelta.format.write import encode_entry, finish_metadata, merged_metadata, sort_key
-from spdelta.ops.quantize import QuantizedTensor, dequantize_tensor
+from spdelta.quantized import QuantizedTensor, dequantize_tensor
 
 __all__ = ["DeltaReader", "DeltaWriter"]
 
@@ -104,7 +104,7 @@ class DeltaReader:
     @property
     def format_version(self) -> str:
         """The file's ``spdelta.format_version``."""
-        return self.raw_metadata["spdelta.format_version"]
+        return self.raw_metadata[KEY_VERSION]
 
     def info(self, name: str) -> TensorInfo:
         """The :class:`~spdelta.format.TensorInfo` of tensor ``name`` (header only)."""

@@ -33,7 +33,7 @@ from spdelta.format.constants import (
     TORCH_DTYPES,
     min_minor,
 )
-from spdelta.ops.quantize import QuantizedDelta, QuantizedTensor
+from spdelta.quantized import QuantizedDelta, QuantizedTensor
 from spdelta.types import Shape
 
 __all__ = ["encode_entry", "finish_metadata", "merged_metadata", "save_delta", "sort_key"]

@@ -14,11 +14,11 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from spdelta.delta import DeltaTensor, SparseDelta, topk_indices
+from spdelta.delta import DeltaTensor, SparseDelta
 from spdelta.errors import KeyMismatchError, ShapeError, format_names
 from spdelta.format.constants import KEY_FINGERPRINT
-from spdelta.functional import accumulate_dtype
 from spdelta.hf.checkpoint import checkpoint_fingerprint, checkpoint_shards
+from spdelta.rules import KEY_PROVENANCE, accumulate_dtype, budget, topk_indices
 
 __all__ = ["extract_delta"]
 
@@ -71,10 +71,10 @@ def _global_threshold(
     numel = 0
     for _, w, v in pairs:
         numel += w.numel()
-        k = math.floor(density * numel + 0.5)
+        k = budget(density, numel)
         mags = torch.cat([best, _diff(w, v).abs().double()])
         best = torch.topk(mags, min(k, mags.numel())).values
-    k = math.floor(density * numel + 0.5)
+    k = budget(density, numel)
     if k == 0 or best.numel() == 0:
         return math.inf, 0
     threshold = float(best[k - 1])
@@ -133,9 +133,7 @@ def extract_delta(
     for key, w, v in _pairs(root_b, root_t, targets):
         diff = _diff(w, v)
         if scope == "per_tensor":
-            idx = topk_indices(
-                diff.abs(), min(math.floor(density * diff.numel() + 0.5), diff.numel())
-            )
+            idx = topk_indices(diff.abs(), budget(density, diff.numel()))
         else:
             above, at = diff.abs() > threshold, torch.nonzero(diff.abs() == threshold).reshape(-1)
             take, ties = at[:ties], ties - min(ties, at.numel())
@@ -145,7 +143,7 @@ def extract_delta(
             entries[key] = entry
     meta = {
         KEY_FINGERPRINT: checkpoint_fingerprint(root_b),
-        "spdelta.provenance": json.dumps(
+        KEY_PROVENANCE: json.dumps(
             {"tool": "extract", "density": density, "scope": scope, "targets": targets},
             sort_keys=True,
         ),

@@ -28,10 +28,10 @@ from spdelta.format.fingerprint import (
     legacy_positions,
     legacy_sample,
 )
-from spdelta.functional import accumulate_dtype
 from spdelta.hf._layout import checkpoint_tensors
 from spdelta.hf._names import candidates, resolve_names
 from spdelta.hf.layout import CheckpointLayout
+from spdelta.rules import accumulate_dtype
 
 __all__ = [
     "BaseMismatchError",

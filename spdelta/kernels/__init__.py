@@ -1,4 +1,7 @@
-"""The fast path: a sparse-delta linear (custom autograd Function) and its routing.
+"""The fast path's kernels: a sparse-delta linear (custom autograd Function) and its SDDMM.
+
+Which modules run them is :mod:`spdelta.route`'s business; this package holds only the
+kernels.
 
 Example:
     >>> import torch
@@ -8,18 +11,12 @@ Example:
     [[3.0]]
 """
 
-from spdelta.kernels._experts import ExpertsRouter
-from spdelta.kernels._grad import eager_grad_and_value
 from spdelta.kernels._linear import SparseDeltaLinear, merge_weight, sparse_delta_linear
-from spdelta.kernels._route import LinearRouter
 from spdelta.kernels._sddmm import SampledGrad, sampled_grad, sampled_grad_dense
 
 __all__ = [
-    "ExpertsRouter",
-    "LinearRouter",
     "SampledGrad",
     "SparseDeltaLinear",
-    "eager_grad_and_value",
     "merge_weight",
     "sampled_grad",
     "sampled_grad_dense",

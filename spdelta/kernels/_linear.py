@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from spdelta.kernels._sddmm import sampled_grad
-from spdelta.quant.nf4 import dequantize, is_nf4
+from spdelta.quant.nf4 import is_nf4, nf4_to_dense
+from spdelta.rules import accumulate_dtype
 from spdelta.types import is_plain
 
 __all__ = ["SparseDeltaLinear", "merge_weight", "sparse_delta_linear"]
@@ -34,7 +35,7 @@ def merge_weight(weight: Tensor, indices: Tensor, values: Tensor) -> Tensor:
         >>> merge_weight(torch.zeros(2, 2), torch.tensor([1]), torch.tensor([2.0])).tolist()
         [[0.0, 2.0], [0.0, 0.0]]
     """
-    acc = _acc_dtype(weight.dtype)
+    acc = accumulate_dtype(weight.dtype)
     dense, src = _dense(weight, acc), values.to(acc)
     if dense is not weight and is_plain(dense) and is_plain(src) and not (
             torch.is_grad_enabled() and (dense.requires_grad or src.requires_grad)):
@@ -42,10 +43,6 @@ def merge_weight(weight: Tensor, indices: Tensor, values: Tensor) -> Tensor:
     else:
         flat = dense.reshape(-1).index_add(0, indices, src)
     return flat.view(weight.shape).to(weight.dtype)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class _Dequantize(torch.autograd.Function):
@@ -58,7 +55,7 @@ class _Dequantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, weight: Tensor) -> Tensor:  # type: ignore[override]
         """The dequantised weight, a new dense tensor of ``weight.dtype``."""
-        return dequantize(weight)
+        return nf4_to_dense(weight)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> Tensor:  # type: ignore[override]
@@ -82,7 +79,7 @@ def _dense(weight: Tensor, acc: torch.dtype) -> Tensor:
         # under torch.func); eager autograd may ask for its dense gradient (SpIEL's AG).
         if inner is weight and weight.requires_grad:
             return _Dequantize.apply(weight).to(acc)  # type: ignore[no-any-return]
-        return dequantize(inner).to(acc)
+        return nf4_to_dense(inner).to(acc)
     dense = weight.to(acc)
     if dense is weight and not is_plain(weight):
         # A same-dtype ``.to`` is a no-op: a tensor subclass (e.g. an NF4 base behind a
@@ -134,7 +131,7 @@ class SparseDeltaLinear(torch.autograd.Function):
         if need_x:
             merged = merge_weight(weight, indices, values)
             dx = g @ (merged.t() if ctx.transposed else merged)  # (..., in)
-        acc = _acc_dtype(weight.dtype)
+        acc = accumulate_dtype(weight.dtype)
         g2 = g.reshape(-1, g.shape[-1]).to(acc)  # (tokens, out)
         if need_v or need_w:
             x2 = x.reshape(-1, x.shape[-1]).to(acc)  # (tokens, in)

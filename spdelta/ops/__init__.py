@@ -17,19 +17,20 @@ Example:
 from spdelta.ops._common import tensor_seed, union_sum
 from spdelta.ops.compose import add, compose, drop_zeros, negate, prune, prune_tensor, scale
 from spdelta.ops.merge import MERGE_METHODS, MergeMethod, merge, merge_tensor
-from spdelta.ops.quantize import (
+from spdelta.ops.quantize import quantization_error, quantize, quantize_tensor
+from spdelta.ops.sequence import sequence_tensor, then_tensor
+from spdelta.ops.sparsify import drop_random, trim_magnitude, trim_outliers
+
+# The quantized representation lives beside SparseDelta (the format reads and writes it
+# without the maths); it is re-exported here next to the quantizer that produces it.
+from spdelta.quantized import (
     QuantizedDelta,
     QuantizedTensor,
     dequantize,
     dequantize_tensor,
     pack_int4,
-    quantization_error,
-    quantize,
-    quantize_tensor,
     unpack_int4,
 )
-from spdelta.ops.sequence import sequence_tensor, then_tensor
-from spdelta.ops.sparsify import drop_random, trim_magnitude, trim_outliers
 
 __all__ = [
     "MERGE_METHODS",

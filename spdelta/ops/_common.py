@@ -13,11 +13,10 @@ from torch import Tensor
 
 from spdelta.delta import SparseDelta
 from spdelta.errors import ParameterError, ShapeError
-from spdelta.functional import accumulate_dtype
+from spdelta.rules import accumulate_dtype
 from spdelta.types import Shape
 
 __all__ = [
-    "budget",
     "check_finite_result",
     "check_fraction",
     "check_real",
@@ -80,19 +79,6 @@ def per_input(where: str, what: str, value: object, n: int, *, fraction: bool) -
                                  f"({n}); found {len(value)}.")
         return [check(where, f"{what}[{i}]", v) for i, v in enumerate(value)]
     return [check(where, what, value)] * n
-
-
-def budget(fraction: float, n: int) -> int:
-    """Number of entries a ``fraction`` of ``n`` keeps: ``floor(fraction * n + 0.5)``.
-
-    This is the rounding of :meth:`SparseDelta.from_dense`; mergekit uses
-    ``max(1, int(fraction * n))`` instead (see ``tools/compare_mergekit.py``).
-
-    Example:
-        >>> budget(0.5, 5), budget(0.01, 10)
-        (3, 0)
-    """
-    return min(n, math.floor(fraction * n + 0.5))
 
 
 def check_shapes(where: str, deltas: Sequence[SparseDelta]) -> dict[str, Shape]:

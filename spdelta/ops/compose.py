@@ -7,9 +7,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from spdelta.delta import DeltaTensor, SparseDelta, topk_indices
+from spdelta.delta import DeltaTensor, SparseDelta
 from spdelta.errors import ParameterError
-from spdelta.ops._common import budget, check_fraction, check_real, check_shapes, union_sum
+from spdelta.ops._common import check_fraction, check_real, check_shapes, union_sum
+from spdelta.rules import budget, topk_indices
 
 __all__ = ["add", "compose", "drop_zeros", "negate", "prune", "prune_tensor", "scale"]
 

@@ -16,9 +16,9 @@ import torch
 from torch import Tensor
 
 from spdelta.errors import ParameterError
-from spdelta.functional import accumulate_dtype
 from spdelta.ops._common import promoted_dtype, sorted_union, union_sum
 from spdelta.ops.sparsify import drop_random, trim_magnitude, trim_outliers
+from spdelta.rules import accumulate_dtype
 
 __all__ = [
     "breadcrumbs_tensor",

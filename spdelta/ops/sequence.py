@@ -34,8 +34,8 @@ from torch import Tensor
 from spdelta._replace import Entry, ReplaceTensor, bit_view
 from spdelta.delta import DeltaTensor
 from spdelta.errors import CompositionError, ParameterError
-from spdelta.functional import accumulate_dtype
 from spdelta.ops._common import sorted_union, union_sum
+from spdelta.rules import accumulate_dtype
 
 __all__ = ["sequence_tensor", "then_tensor"]
 

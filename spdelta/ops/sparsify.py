@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from spdelta.ops._common import budget
 from spdelta.ops.compose import prune_tensor
+from spdelta.rules import budget
 
 __all__ = ["drop_random", "trim_magnitude", "trim_outliers"]
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from torch import Tensor
 
 from spdelta.optim._base import Transform, empty_like_flat
 from spdelta.optim.schedules import Schedule
+from spdelta.rules import accumulate_dtype
 from spdelta.types import Values
 
 __all__ = ["AdamWState", "adamw"]
@@ -33,10 +33,6 @@ class AdamWState(NamedTuple):
     mu: Values
     nu: Values
     num_updates: int = 0
-
-
-def _state_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _zeroed(tensors: Values) -> Values:
@@ -98,7 +94,7 @@ def adamw(
                          f"found lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}.")
 
     def init(params: Values) -> AdamWState:
-        f64 = {n: p for n, p in params.items() if _state_dtype(p) == torch.float64}
+        f64 = {n: p for n, p in params.items() if accumulate_dtype(p.dtype) == torch.float64}
         mu = {**empty_like_flat(f64),
               **empty_like_flat({n: p for n, p in params.items() if n not in f64}, torch.float32)}
         mu = _zeroed({n: mu[n] for n in params})

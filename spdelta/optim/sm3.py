@@ -11,6 +11,7 @@ from torch import Tensor
 from spdelta.errors import KeyMismatchError, ParameterError, format_names
 from spdelta.optim._base import Transform
 from spdelta.optim.schedules import Schedule
+from spdelta.rules import accumulate_dtype
 from spdelta.types import Shape, Support, Values
 
 __all__ = ["SM3State", "sm3", "unravel"]
@@ -37,10 +38,6 @@ class SM3State(NamedTuple):
     support: Support
     accumulators: dict[str, tuple[Tensor, ...]]
     momentum: Values
-
-
-def _acc_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def unravel(indices: Tensor, shape: Shape) -> tuple[Tensor, ...]:
@@ -152,9 +149,10 @@ def sm3(
         if params.keys() != initial.keys():
             raise KeyMismatchError(f"sm3: params and support must name the same tensors; "
                                    f"differ in [{format_names(params.keys() ^ initial.keys())}].")
-        acc = {n: tuple(torch.zeros(d, dtype=_acc_dtype(p), device=p.device) for d in dims[n])
+        acc = {n: tuple(torch.zeros(d, dtype=accumulate_dtype(p.dtype), device=p.device)
+                        for d in dims[n])
                for n, p in params.items()}
-        mom = ({n: torch.zeros_like(p, dtype=_acc_dtype(p)) for n, p in params.items()}
+        mom = ({n: torch.zeros_like(p, dtype=accumulate_dtype(p.dtype)) for n, p in params.items()}
                if momentum > 0 else {})
         return SM3State(0, dict(initial), acc, mom)
 

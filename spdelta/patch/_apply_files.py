@@ -44,9 +44,9 @@ from spdelta.format.fingerprint import (
     tensor_record,
 )
 from spdelta.hf.checkpoint import CheckpointError, _atomic_dir, _copy_other_files
-from spdelta.ops.quantize import QuantizedTensor
 from spdelta.patch._memory import _write
 from spdelta.patch._source import Source
+from spdelta.quantized import QuantizedTensor
 
 __all__ = ["apply_patch"]
 

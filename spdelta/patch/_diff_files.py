@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +14,7 @@ import torch
 from spdelta._progress import tqdm
 from spdelta._replace import ReplaceTensor
 from spdelta._version import __version__
-from spdelta.delta import DeltaTensor, topk_indices
+from spdelta.delta import DeltaTensor
 from spdelta.errors import KeyMismatchError, ParameterError, ShapeError, format_names
 from spdelta.format import DeltaWriter
 from spdelta.format.constants import (
@@ -33,6 +32,7 @@ from spdelta.format.fingerprint import (
 from spdelta.hf.checkpoint import CheckpointError
 from spdelta.hf.extract import _diff, _nonzero_entry
 from spdelta.patch._source import Source
+from spdelta.rules import budget, topk_indices
 
 __all__ = ["CHUNK_BYTES", "diff_checkpoints"]
 
@@ -147,8 +147,8 @@ def lossy_entry(base: Source, tuned: Source, name: str, *, density: float | None
     if st.dtype not in TORCH_DTYPES or not TORCH_DTYPES[st.dtype].is_floating_point:
         return None
     diff = _diff(base.read(name), tuned.read(name))
-    keep = k if k is not None else math.floor(density * st.numel + 0.5)  # type: ignore[operator]
-    entry = _nonzero_entry(st.shape, diff, topk_indices(diff.abs(), min(keep, st.numel)))
+    keep = budget(density, st.numel) if density is not None else min(k or 0, st.numel)
+    entry = _nonzero_entry(st.shape, diff, topk_indices(diff.abs(), keep))
     bad = int((~torch.isfinite(entry.values)).sum())
     if bad:
         raise ParameterError(

@@ -13,10 +13,10 @@ from spdelta.errors import BaseMismatchError, KeyMismatchError, ShapeError, form
 from spdelta.format._chain import chain_keys, is_chain
 from spdelta.format.constants import KEY_FINGERPRINT, KEY_RESULT_FINGERPRINT
 from spdelta.format.fingerprint import check_fingerprint, fingerprint_tensors
-from spdelta.functional import accumulate_dtype
 from spdelta.hf._layout import checkpoint_tensors
 from spdelta.hf.model import legacy_fingerprint
 from spdelta.ops.sequence import sequence_tensor
+from spdelta.rules import accumulate_dtype
 
 __all__ = ["apply_", "compose_patches", "diff", "diff_tensor"]
 

@@ -14,7 +14,7 @@ from torch import Tensor
 from spdelta.errors import KeyMismatchError, ShapeError, SpdeltaError, format_names
 from spdelta.types import Params
 
-__all__ = ["dequantize", "dequantize_base", "is_nf4", "nbytes", "to_nf4", "torchao_hidden"]
+__all__ = ["dequantize_base", "is_nf4", "nbytes", "nf4_to_dense", "to_nf4", "torchao_hidden"]
 
 #: Packed bytes dequantised per chunk: bounds the int32 code buffer at 8 MiB.
 _CHUNK = 1 << 20
@@ -90,7 +90,7 @@ def to_nf4(base: Mapping[str, Tensor], targets: Sequence[str], *, block_size: in
     parameter at block size 64. ``torchao`` needs the number of blocks to be a multiple
     of the scaler block, so the scaler block used is ``gcd(numel / block_size,
     scaler_block_size)``. The tensor keeps the base's dtype (``.dtype``);
-    :func:`dequantize` (or ``.to(dtype)``) gives the dense weight. Both paths of
+    :func:`nf4_to_dense` (or ``.to(dtype)``) gives the dense weight. Both paths of
     :func:`spdelta.make_loss_fn` take an NF4 base unchanged: the fast kernel
     (:func:`spdelta.kernels.sparse_delta_linear`) dequantises each NF4 linear weight
     inside its forward and again in backward, saving only the 4-bit tensor, so the
@@ -141,7 +141,7 @@ def to_nf4(base: Mapping[str, Tensor], targets: Sequence[str], *, block_size: in
     return out
 
 
-def dequantize(t: Tensor) -> Tensor:
+def nf4_to_dense(t: Tensor) -> Tensor:
     """Return the dense tensor (``t.dtype``) of an ``NF4Tensor``; equal to torchao's dequantisation.
 
     Bit-identical to ``t.get_original_weight()`` (each value is its code's NF4 level
@@ -156,7 +156,7 @@ def dequantize(t: Tensor) -> Tensor:
         >>> import torch
         >>> q = to_nf4({"w": torch.randn(4, 64, generator=torch.Generator().manual_seed(0))},
         ...            ["w"])["w"]
-        >>> torch.equal(dequantize(q), q.get_original_weight())
+        >>> torch.equal(nf4_to_dense(q), q.get_original_weight())
         True
     """
     if not t.is_contiguous():
@@ -183,7 +183,7 @@ def dequantize_base(base: Mapping[str, Tensor]) -> Params:
         >>> dequantize_base(q)["w"].unique().tolist()
         [1.0]
     """
-    return {n: dequantize(t) if is_nf4(t) else t for n, t in base.items()}
+    return {n: nf4_to_dense(t) if is_nf4(t) else t for n, t in base.items()}
 
 
 def _tensor_nbytes(t: Tensor) -> int:

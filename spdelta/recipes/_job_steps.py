@@ -25,7 +25,7 @@ from spdelta.optim import Schedule, adamw, sm3
 from spdelta.recipes._job_config import TrainConfig
 from spdelta.recipes._job_run import Batch, StepFn
 from spdelta.salience import score
-from spdelta.select import budget, select_topk
+from spdelta.select import budgets, select_topk
 from spdelta.train._defaults import default_lr
 from spdelta.train._loop import TrainState, clipped, learning_rate, make_train_step
 from spdelta.train._spiel_io import SpielState
@@ -38,7 +38,7 @@ def budget_density(shapes: Mapping[str, tuple[int, ...]], cfg: TrainConfig) -> f
         return 0.01 if cfg.density is None else cfg.density
 
     total = sum(math.prod(s) for s in shapes.values())
-    return budget(shapes, lora_rank=cfg.lora_rank)[""] / total
+    return budgets(shapes, lora_rank=cfg.lora_rank)[""] / total
 
 
 def select_support(cfg: TrainConfig, model: Any, base: Params, names: list[str],
@@ -97,7 +97,7 @@ def make_step_fn(cfg: TrainConfig, model: Any, base: Params, support: Support, o
 def fsdp_engine(cfg: TrainConfig, model: Any, state: SpielState, total: int,
           resume_from: Path | None) -> tuple[Any, SpielState, StepFn]:
     """Shard ``model`` with deltas on ``state.support`` (FSDP2); the sharded state and step."""
-    # A tensor the global top-k left empty gets no DeltaLinear (FSDP cannot shard 0 values).
+    # A tensor the global top-k left empty gets no attached delta (FSDP cannot shard 0 values).
     model = shard_with_deltas(model, {n: i for n, i in state.support.items() if i.numel()})
     optimizer = make_optimizer(cfg, state.support, {}, total)
     template = fsdp_spiel_init(model, optimizer)  # values/optimizer state as sharded DTensors

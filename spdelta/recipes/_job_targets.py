@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 from torch import Tensor
 
 from spdelta.hf.layout import CheckpointLayout
-from spdelta.kernels import ExpertsRouter, LinearRouter
+from spdelta.route import ExpertsRouter, LinearRouter
 from spdelta.targets import ALL_LINEAR, left_out, resolve_targets
 
 

@@ -20,6 +20,7 @@ from spdelta.recipes._demo_config import DemoConfig
 from spdelta.recipes.assets import SMOLLM2_HUB_ID, smollm2_checkpoint
 from spdelta.recipes.data import batches, load_rotten_tomatoes
 from spdelta.recipes.evaluate import sentiment_accuracy
+from spdelta.rules import KEY_BASE_MODEL, KEY_FINGERPRINT
 from spdelta.train import speft
 
 __all__ = ["DemoConfig", "bf16_checkpoint", "run_demo"]
@@ -122,8 +123,8 @@ def run_demo(
     delta = delta.with_metadata(
         {
             **delta.metadata,
-            "spdelta.base_model": SMOLLM2_HUB_ID,
-            "spdelta.base_model.fingerprint": checkpoint_fingerprint(ckpt),
+            KEY_BASE_MODEL: SMOLLM2_HUB_ID,
+            KEY_FINGERPRINT: checkpoint_fingerprint(ckpt),
         }
     )
     apply_to_model(model, delta)

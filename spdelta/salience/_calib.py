@@ -12,7 +12,7 @@ from torch.func import functional_call
 
 from spdelta._progress import tqdm
 from spdelta.errors import SpdeltaError
-from spdelta.functional import accumulate_dtype
+from spdelta.rules import accumulate_dtype
 from spdelta.types import Params
 
 __all__ = ["Calibration", "LossCallable", "batch_loss", "batch_size", "causal_lm_loss",

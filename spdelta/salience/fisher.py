@@ -9,7 +9,7 @@ from torch import Tensor
 from torch.func import grad, vmap
 
 from spdelta.errors import SpdeltaError
-from spdelta.functional import accumulate_dtype
+from spdelta.rules import accumulate_dtype
 from spdelta.salience._calib import Calibration, batch_loss, examples, params_of
 from spdelta.salience._registry import register_metric
 from spdelta.types import Params

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from spdelta.functional import accumulate_dtype
+from spdelta.rules import accumulate_dtype
 from spdelta.salience._calib import Calibration
 from spdelta.salience._registry import register_metric
 from spdelta.types import Params

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from spdelta.functional import accumulate_dtype
+from spdelta.rules import accumulate_dtype
 from spdelta.salience._calib import Calibration
 from spdelta.salience._registry import register_metric
 from spdelta.types import Params

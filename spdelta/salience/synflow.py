@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from spdelta.errors import SpdeltaError
-from spdelta.functional import accumulate_dtype
+from spdelta.rules import accumulate_dtype
 from spdelta.salience._calib import Calibration, batch_size, forward, params_of
 from spdelta.salience._registry import register_metric
 from spdelta.types import Params

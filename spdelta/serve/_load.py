@@ -16,6 +16,7 @@ from spdelta.format import load_delta
 from spdelta.hf._names import resolve_names
 from spdelta.hf.model import check_base, model_prefixes, tied_aliases
 from spdelta.quant.nf4 import is_nf4
+from spdelta.rules import accumulate_dtype
 from spdelta.serve._bank import Part, part_from_indices
 
 __all__ = ["DeltaSource", "ServeError", "Target", "delta_parts", "linear_targets", "read_delta"]
@@ -147,7 +148,7 @@ def delta_parts(model: nn.Module, name: str, delta: SparseDelta, targets: Mappin
     out = {}
     for dname, pname in mapping.items():
         t, e = targets[pname], delta[dname]
-        acc = torch.float64 if params[pname].dtype == torch.float64 else torch.float32
+        acc = accumulate_dtype(params[pname].dtype)
         index_dtype = torch.int32 if e.nnz < 2**31 else torch.int64
         out[pname] = part_from_indices(e.indices, e.values.to(acc), t.out_features,
                                        t.in_features, transposed=t.transposed,

@@ -13,6 +13,7 @@ from torch.utils.hooks import RemovableHandle
 
 from spdelta.errors import KeyMismatchError, ShapeError, format_names
 from spdelta.quant.nf4 import is_nf4
+from spdelta.rules import accumulate_dtype
 from spdelta.serve._bank import Bank, Part
 from spdelta.serve._load import DeltaSource, ServeError, delta_parts, linear_targets, read_delta
 from spdelta.serve._plan import RowPlan, add_products
@@ -147,7 +148,7 @@ class DeltaModel:
                 continue
             t = self._targets[name]
             weight = t.weight
-            acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+            acc = accumulate_dtype(weight.dtype)
             self._banks[name] = Bank(t.out_features, t.in_features, parts, dtype=acc,
                                      device=weight.device)
             if name not in self._hooks:

@@ -7,8 +7,7 @@ from typing import Any, NamedTuple
 
 from spdelta._progress import tqdm
 from spdelta.errors import SpdeltaError
-from spdelta.functional import LossFn
-from spdelta.kernels import eager_grad_and_value
+from spdelta.functional import LossFn, eager_grad_and_value
 from spdelta.optim import Schedule, Transform, apply_updates, chain, clip_by_global_norm
 from spdelta.optim.schedules import warmup_schedule
 from spdelta.train._accum import MicroBatches, accumulate
@@ -104,7 +103,7 @@ def make_train_step(
     gradient over its micro-batches (:func:`~spdelta.train.micro_batches`), one
     forward and backward at a time, before the one update.
 
-    The gradient is :func:`spdelta.kernels.eager_grad_and_value` (``torch.autograd.grad``
+    The gradient is :func:`spdelta.functional.eager_grad_and_value` (``torch.autograd.grad``
     without ``create_graph``), not ``torch.func.grad_and_value``: each saved activation
     is freed as soon as backward has used it (measured 1274 MB vs 2984 MB peak on the
     default ``tools/bench/train_step.py`` model). The maths is the same; gradients that

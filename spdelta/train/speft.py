@@ -11,9 +11,11 @@ from torch import Tensor, nn
 
 from spdelta.delta import SparseDelta
 from spdelta.errors import ParameterError
-from spdelta.functional import accumulate_dtype, apply_delta, make_loss_fn
+from spdelta.functional import apply_delta, make_loss_fn
 from spdelta.ops import compose
 from spdelta.optim import adamw
+from spdelta.rules import KEY_TRAINING as TRAINING_KEY
+from spdelta.rules import accumulate_dtype
 from spdelta.salience import LossCallable, Metric, score
 from spdelta.select import Scope, select_topk
 from spdelta.targets import TargetSpec, resolve_targets
@@ -31,8 +33,7 @@ from spdelta.types import Params
 
 __all__ = ["TRAINING_KEY", "speft"]
 
-#: Metadata key of the training record (a JSON object as a string).
-TRAINING_KEY = "spdelta.training"
+# TRAINING_KEY is spdelta.rules.KEY_TRAINING: the key of the training record (JSON as a string).
 
 
 def _record(delta: SparseDelta, settings: dict[str, Any]) -> SparseDelta:

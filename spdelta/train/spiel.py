@@ -16,11 +16,9 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from spdelta.delta import SparseDelta, topk_indices
+from spdelta.delta import SparseDelta
 from spdelta.errors import ParameterError, SpdeltaError
-from spdelta.format.constants import KEY_TRAINING as TRAINING_KEY
-from spdelta.functional import LossFn, make_loss_fn
-from spdelta.kernels import eager_grad_and_value
+from spdelta.functional import LossFn, eager_grad_and_value, make_loss_fn
 from spdelta.optim import (
     SM3State,
     Transform,
@@ -29,6 +27,8 @@ from spdelta.optim import (
     remap_state,
     sm3,
 )
+from spdelta.rules import KEY_TRAINING as TRAINING_KEY
+from spdelta.rules import budget, topk_indices
 from spdelta.train._accum import MicroBatches, accumulate
 from spdelta.train._defaults import DEFAULT_SCHEDULE, DEFAULT_WARMUP, default_lr
 from spdelta.train._loop import clipped, learning_rate
@@ -157,7 +157,7 @@ def random_support(shapes: Mapping[str, Shape | torch.Size], *, density: float,
     out = {}
     for name in sorted(shapes):
         numel = math.prod(shapes[name])
-        k = math.floor(density * numel + 0.5)
+        k = budget(density, numel)
         out[name] = torch.sort(torch.randperm(numel, generator=generator)[:k]).values.to(device)
     return out
 

@@ -14,7 +14,6 @@ from torch import nn
 
 from spdelta import make_loss_fn
 from spdelta.dist import (
-    DeltaLinear,
     init_from_env,
     load_checkpoint,
     make_dist_train_step,
@@ -131,16 +130,6 @@ def test_load_checkpoint_rejects_other_directories(tmp_path: Path) -> None:
         dcp.save({"x": torch.ones(1)}, checkpoint_id=tmp_path / "other", no_dist=True)
     with pytest.raises(SpdeltaError, match="pickle.*not read"):
         load_checkpoint(tmp_path / "other")
-
-
-def test_delta_linear_equals_merged_linear() -> None:
-    lin = nn.Linear(3, 2).double()
-    layer = DeltaLinear(lin, torch.tensor([1, 4]))
-    with torch.no_grad():
-        layer.values.copy_(torch.tensor([0.5, -2.0], dtype=torch.float64))
-    x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    expected = F.linear(x, add_at(lin.weight, layer.support, layer.values), lin.bias)
-    torch.testing.assert_close(layer(x), expected)
 
 
 def test_shard_with_deltas_rejects_non_linear_targets(tiny_llama: nn.Module) -> None:

@@ -120,7 +120,7 @@ def test_fast_path_in_low_precision_matches_the_float64_reference(dtype: torch.d
 def test_nf4_base_on_cuda_equals_cpu() -> None:
     pytest.importorskip("torchao", reason="the NF4 base needs torchao (extra 'quant')")
     from spdelta.kernels import sparse_delta_linear
-    from spdelta.quant import dequantize, to_nf4
+    from spdelta.quant import nf4_to_dense, to_nf4
 
     gen = torch.Generator().manual_seed(2)
     w = torch.randn(256, 128, generator=gen, dtype=torch.bfloat16)
@@ -128,9 +128,9 @@ def test_nf4_base_on_cuda_equals_cpu() -> None:
     idx = torch.randperm(256 * 128, generator=gen)[:300].sort().values
     v = torch.randn(300, generator=gen)
     on = {d: to_nf4({"w": w.to(d)}, ["w"])["w"] for d in (CPU, CUDA)}
-    close(dequantize(on[CUDA]), dequantize(on[CPU]), rtol=0, atol=0)  # same codes and scales
+    close(nf4_to_dense(on[CUDA]), nf4_to_dense(on[CPU]), rtol=0, atol=0)  # same codes and scales
     y = sparse_delta_linear(x.cuda(), on[CUDA], None, idx.cuda(), v.cuda())
-    ref = F.linear(x.cuda(), add_at(dequantize(on[CUDA]), idx.cuda(), v.cuda()))
+    ref = F.linear(x.cuda(), add_at(nf4_to_dense(on[CUDA]), idx.cuda(), v.cuda()))
     close(y, ref, rtol=0, atol=0)
 
 

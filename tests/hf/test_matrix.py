@@ -14,7 +14,7 @@ from torch.func import grad_and_value
 from spdelta import SparseDelta, make_loss_fn
 from spdelta.hf import apply_to_checkpoint, apply_to_model, extract_delta
 from spdelta.hf.layout import CheckpointLayout
-from spdelta.kernels import ExpertsRouter, LinearRouter
+from spdelta.route import ExpertsRouter, LinearRouter
 from spdelta.targets import left_out, resolve_targets
 from spdelta.train import speft
 

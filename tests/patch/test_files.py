@@ -19,16 +19,8 @@ from spdelta.errors import (
     MetadataError,
     ParameterError,
 )
-from spdelta.format import (
-    DeltaReader,
-    compose_files,
-    convert_file,
-    load_patch,
-    merge_files,
-    quantize_file,
-    read_header,
-    save_delta,
-)
+from spdelta.files import compose_files, convert_file, merge_files, quantize_file
+from spdelta.format import DeltaReader, load_patch, read_header, save_delta
 from spdelta.format.constants import KEY_FINGERPRINT, KEY_RESULT_FINGERPRINT
 from spdelta.format.fingerprint import sample_record, tensor_record
 from spdelta.hf import checkpoint_fingerprint, checkpoint_shards, extract_delta

@@ -50,7 +50,9 @@ def test_loss_on_nf4_matches_dequantised_base(tiny_llama: torch.nn.Module,
 def test_fast_path_on_nf4_equals_reference(tiny_llama: torch.nn.Module, token_batch: dict,
                                            monkeypatch: pytest.MonkeyPatch, func: bool) -> None:
     """NF4 linears take the fast kernel (no dense merged W) and match the reference merge."""
-    from spdelta.kernels import _route, eager_grad_and_value, sparse_delta_linear
+    from spdelta.functional import eager_grad_and_value
+    from spdelta.kernels import sparse_delta_linear
+    from spdelta.route import _linear as _route
 
     calls = []
 
@@ -128,8 +130,8 @@ def test_dequantize_equals_torchao(dtype: torch.dtype) -> None:
     chunk = nf4_mod._CHUNK
     try:
         nf4_mod._CHUNK = 100  # 2304 packed bytes: 24 chunks, the last one partial
-        assert torch.equal(nf4_mod.dequantize(q), q.get_original_weight())
+        assert torch.equal(nf4_mod.nf4_to_dense(q), q.get_original_weight())
     finally:
         nf4_mod._CHUNK = chunk
-    assert torch.equal(nf4_mod.dequantize(q), q.get_original_weight())
-    assert torch.equal(nf4_mod.dequantize(q.t()), q.t().get_original_weight())
+    assert torch.equal(nf4_mod.nf4_to_dense(q), q.get_original_weight())
+    assert torch.equal(nf4_mod.nf4_to_dense(q.t()), q.t().get_original_weight())

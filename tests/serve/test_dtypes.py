@@ -61,7 +61,7 @@ def test_bf16_llama_rows_agree_with_merged_bf16_models(
 def test_nf4_base_stays_4bit_and_matches_its_dequantised_merge(
         llama: nn.Module, make_delta: Callable[..., SparseDelta]) -> None:
     pytest.importorskip("torchao", reason="NF4 needs torchao")
-    from spdelta.quant import dequantize, is_nf4
+    from spdelta.quant import is_nf4, nf4_to_dense
     from spdelta.serve import quantize_nf4
 
     deltas = {"a": make_delta(llama, seed=1), "b": make_delta(llama, seed=2)}
@@ -71,7 +71,7 @@ def test_nf4_base_stays_4bit_and_matches_its_dequantised_merge(
     assert len(names) == 14 and "lm_head.weight" not in names
     with torch.no_grad():
         for n in names:
-            dense.get_parameter(n).copy_(dequantize(llama.get_parameter(n)))
+            dense.get_parameter(n).copy_(nf4_to_dense(llama.get_parameter(n)))
     ids, mask = left_padded([6, 4, 6, 3])
     with torch.no_grad():
         got = dm(ids, attention_mask=mask, deltas=ROWS).logits

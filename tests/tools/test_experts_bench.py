@@ -21,7 +21,7 @@ def _bench():  # type: ignore[no-untyped-def]
 
 
 def test_variants_route_what_they_name(capsys: pytest.CaptureFixture[str]) -> None:
-    from spdelta.kernels import ExpertsRouter
+    from spdelta.route import ExpertsRouter
 
     bench = _bench()
     cfg = {"hidden": 32, "intermediate": 48, "layers": 1, "experts": 4, "top_k": 2, "vocab": 64,

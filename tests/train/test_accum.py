@@ -10,7 +10,7 @@ from torch import Tensor
 
 from spdelta import make_loss_fn
 from spdelta.errors import ParameterError
-from spdelta.kernels import eager_grad_and_value
+from spdelta.functional import eager_grad_and_value
 from spdelta.optim import sm3
 from spdelta.recipes.data import encode_prompt_response
 from spdelta.train import (

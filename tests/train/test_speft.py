@@ -14,7 +14,7 @@ from torch.func import functional_call
 from spdelta import apply_delta
 from spdelta.errors import SpdeltaError
 from spdelta.salience import score
-from spdelta.select import budget, select_topk
+from spdelta.select import budgets, select_topk
 from spdelta.train import speft
 
 MLP_TARGETS = ["lin0", "lin1"]
@@ -84,7 +84,7 @@ def test_speft_memorises_a_batch(tiny_llama: nn.Module, token_batch: dict[str, T
     assert after < 0.85 * before and after < history[-1]["loss"] < history[0]["loss"]
     assert history[0]["loss"] == pytest.approx(before)
     shapes = {n: tuple(base[n].shape) for n in delta}
-    assert delta.nnz == budget(shapes, density=0.1)[""]
+    assert delta.nnz == budgets(shapes, density=0.1)[""]
     record = json.loads(delta.metadata["spdelta.training"])
     assert record["method"] == "speft" and record["metric"] == "gradient"
     assert record["density"] == 0.1 and record["targets"] == "all-linear"

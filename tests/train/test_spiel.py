@@ -16,7 +16,7 @@ import spdelta
 from spdelta import make_loss_fn
 from spdelta.dist import save_checkpoint
 from spdelta.errors import ParameterError, SpdeltaError
-from spdelta.kernels import eager_grad_and_value
+from spdelta.functional import eager_grad_and_value
 from spdelta.optim import AdamWState, SM3State, adamw, sm3
 from spdelta.train import TrainState
 from spdelta.train.spiel import (

@@ -152,12 +152,12 @@ def lora_rank_for(model: nn.Module, density: float, rank: int | None = None) -> 
     count: LoRA as rank ``r``, SPEFT as ``lora_rank=r`` (exactly ``sum r*(m+n)``
     entries, global top-k), SpIEL as the same fraction of each target.
     """
-    from spdelta.select import budget
+    from spdelta.select import budgets
 
     params = dict(model.named_parameters())
     shapes = {n: tuple(params[n].shape) for n in target_names(model)}
-    per_rank = budget(shapes, lora_rank=1)[""]
-    r = rank or max(1, round(budget(shapes, density=density)[""] / per_rank))
+    per_rank = budgets(shapes, lora_rank=1)[""]
+    r = rank or max(1, round(budgets(shapes, density=density)[""] / per_rank))
     total = sum(math.prod(s) for s in shapes.values())
     return {"lora_rank": r, "budget": r * per_rank, "target_entries": total,
             "budget_density": r * per_rank / total}

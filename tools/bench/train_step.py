@@ -62,7 +62,7 @@ ordinary, AG-window and regrow steps are reported too. Its memory child starts a
 step 14 and runs ``max(--mem-steps, 7)`` steps so the AG window and regrow are in it.
 
 Variants (``--variants``):
-  spdelta_static       make_loss_fn(impl="fast"), spdelta.kernels.eager_grad_and_value,
+  spdelta_static       make_loss_fn(impl="fast"), spdelta.functional.eager_grad_and_value,
                        sparse AdamW on the values
   spdelta_static_func  the same with torch.func.grad_and_value (keeps saved tensors to the
                        end of backward: create_graph=True), for comparison
@@ -172,8 +172,7 @@ def spdelta_step(model: nn.Module, cfg: dict[str, Any], impl: str, func: bool = 
     """Closure: one step of grad_and_value on values + sparse AdamW."""
     from torch.func import grad_and_value as func_grad_and_value
 
-    from spdelta.functional import make_loss_fn
-    from spdelta.kernels import eager_grad_and_value
+    from spdelta.functional import eager_grad_and_value, make_loss_fn
     from spdelta.optim import adamw, apply_updates
 
     grad_and_value = func_grad_and_value if func else eager_grad_and_value

@@ -1,12 +1,14 @@
 """Delta-file tools streamed one tensor at a time: merge, compose, quantize, convert.
 
 Every tool opens its inputs with :class:`~spdelta.format.stream.DeltaReader`, checks that
-they fit together (:func:`check_inputs`), then reads, transforms and writes one tensor at a
-time through :class:`~spdelta.format.stream.DeltaWriter`: peak memory is bounded by the
-largest tensor (times the number of inputs), not by the model. Outputs are atomic and
-record ``spdelta.provenance`` (inputs' sha256, operation, parameters, spdelta version,
-command). The maths is :mod:`spdelta.ops`' per-tensor kernels, so a streamed merge equals
-the in-memory :func:`spdelta.ops.merge` of the loaded files.
+they fit together (:func:`spdelta.format.check_inputs`), then reads, transforms and writes
+one tensor at a time through :class:`~spdelta.format.stream.DeltaWriter`: peak memory is
+bounded by the largest tensor (times the number of inputs), not by the model. Outputs are
+atomic and record ``spdelta.provenance`` (inputs' sha256, operation, parameters, spdelta
+version, command). The maths is :mod:`spdelta.ops`' per-tensor kernels, so a streamed
+merge equals the in-memory :func:`spdelta.ops.merge` of the loaded files. This module sits
+above both :mod:`spdelta.ops` and :mod:`spdelta.format`; each tool returns a
+:class:`FileReport`.
 
 Example:
     >>> import os, tempfile, torch
@@ -17,19 +19,18 @@ Example:
     >>> save_delta(SparseDelta({"w": ((4,), torch.tensor([0]), torch.tensor([1.0]))}), a)
     >>> save_delta(SparseDelta({"w": ((4,), torch.tensor([0, 2]), torch.tensor([1.0, 2.0]))}), b)
     >>> report = merge_files([a, b], out, method="task_arithmetic", weights=[0.5, 0.5])
-    >>> load_delta(out).to_dense("w").tolist(), report["nnz"]
+    >>> load_delta(out).to_dense("w").tolist(), report.nnz
     ([1.0, 0.0, 1.0, 0.0], 2)
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
-import warnings
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -37,132 +38,59 @@ import torch
 from spdelta._replace import Entry, ReplaceTensor
 from spdelta._version import __version__
 from spdelta.delta import DeltaTensor, numel_of
-from spdelta.errors import BaseMismatchError, CompositionError, ShapeError, SpdeltaWarning
+from spdelta.errors import CompositionError
 from spdelta.format._chain import chain_keys, is_chain
-from spdelta.format.constants import (
-    KEY_BASE_MISMATCH,
-    KEY_BASE_MODEL,
-    KEY_FINGERPRINT,
-    KEY_PRODUCER,
-    KEY_PROVENANCE,
-    KEY_REVISION,
-)
+from spdelta.format.constants import KEY_PRODUCER, KEY_PROVENANCE
+from spdelta.format.inputs import CheckedInputs, check_inputs, file_sha256, input_shapes
 from spdelta.format.stream import DeltaReader, DeltaWriter
 from spdelta.ops import merge_tensor, sequence_tensor
 from spdelta.ops._common import check_finite_result
-from spdelta.ops.quantize import QuantizedTensor, dequantize_tensor, quantize_tensor
+from spdelta.ops.quantize import quantize_tensor
+from spdelta.quantized import QuantizedTensor, dequantize_tensor
 
-__all__ = [
-    "BaseMismatchError",
-    "check_inputs",
-    "compose_files",
-    "convert_file",
-    "file_sha256",
-    "merge_files",
-    "quantize_file",
-]
-
-#: Metadata keys that identify the base model; inputs that disagree on one are refused.
-BASE_KEYS = (KEY_BASE_MODEL, KEY_REVISION, KEY_FINGERPRINT)
-Report = dict[str, Any]
+__all__ = ["FileReport", "compose_files", "convert_file", "merge_files", "quantize_file"]
 
 
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file, read in 8 MiB chunks.
+@dataclass(frozen=True)
+class FileReport:
+    """What a file tool did (or, in a dry run, would do).
 
-    Example:
-        >>> import os, tempfile
-        >>> p = os.path.join(tempfile.mkdtemp(), "x")
-        >>> with open(p, "wb") as f:
-        ...     _ = f.write(b"abc")
-        >>> file_sha256(p)[:16]
-        'ba7816bf8f01cfea'
+    Attributes:
+        operation: ``"merge"``, ``"compose"``, ``"quantize"`` or ``"convert"``.
+        inputs: The input paths, in the order given.
+        output: The output path.
+        parameters: The operation's parameters, as recorded in the provenance.
+        tensors: Number of tensors in the output.
+        written: Whether ``output`` was written (false for a dry run).
+        input_bytes: Total size of the inputs (merge and compose), else ``None``.
+        nnz: Stored entries written (merge and compose, once written), else ``None``.
+        output_bytes: Size of the written output, else ``None``.
+        max_abs_error: Largest ``|v - v'|`` (quantize only), else ``None``.
+        relative_error: ``||v - v'||_2 / ||v||_2`` over all tensors, float64 (quantize
+            only), else ``None``.
     """
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(8 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
+    operation: str
+    inputs: list[str]
+    output: str
+    parameters: dict[str, Any]
+    tensors: int
+    written: bool
+    input_bytes: int | None = None
+    nnz: int | None = None
+    output_bytes: int | None = None
+    max_abs_error: float | None = None
+    relative_error: float | None = None
 
-def check_inputs(readers: Sequence[DeltaReader], *, allow_base_mismatch: bool = False) -> Report:
-    """Check that several delta files fit together; return their shapes and shared base keys.
+    def to_dict(self) -> dict[str, Any]:
+        """The report as a JSON-ready dict, fields that do not apply (``None``) left out.
 
-    For each base key (:data:`BASE_KEYS`), the inputs that carry it must agree. An input
-    without it does not block the others: the output keeps the value (its base is then
-    unchecked for that input, and a :class:`~spdelta.errors.SpdeltaWarning` says so).
-    With ``allow_base_mismatch``, disagreeing keys are dropped and recorded under
-    ``spdelta.base_model.mismatch`` (file name -> value, per key; spec §5).
-
-    Args:
-        readers: Open inputs.
-        allow_base_mismatch: Accept different base-model metadata (shapes must still agree).
-
-    Returns:
-        ``{"shapes": {name: shape}, "base": {key: value}}``: the union of tensor names with
-        their shape, and the metadata the output carries about its base.
-
-    Raises:
-        ShapeError: A tensor name has different shapes in two inputs.
-        BaseMismatchError: Two inputs name different base models (``spdelta.base_model``,
-            ``.revision`` or ``.fingerprint``) and ``allow_base_mismatch`` is false.
-
-    Warns:
-        SpdeltaWarning: Some inputs carry a base key and others do not.
-    """
-    shapes = _shapes(readers)
-    return {"shapes": shapes, "base": _base_keys(readers, allow_base_mismatch)}
-
-
-def _shapes(readers: Sequence[DeltaReader]) -> dict[str, tuple[int, ...]]:
-    """Union of tensor names -> shape; ``ShapeError`` when two inputs disagree on one."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    bad: list[str] = []
-    for r in readers:
-        for name in r.names:
-            shape = r.info(name).shape
-            if shapes.setdefault(name, shape) != shape:
-                bad.append(f"{name!r} {list(shapes[name])} vs {list(shape)} in {r.path}")
-    if bad:
-        raise ShapeError(
-            f"{len(bad)} tensors have different shapes across inputs: "
-            + "; ".join(bad[:10])
-            + ". Combine only deltas made for one base model."
-        )
-    return dict(sorted(shapes.items()))
-
-
-def _base_keys(readers: Sequence[DeltaReader], allow_mismatch: bool) -> dict[str, str]:
-    """The base keys the output keeps, and the record of those ``allow_mismatch`` overrode."""
-    base: dict[str, str] = {}
-    overridden: dict[str, dict[str, str]] = {}
-    for r in readers:  # earlier overrides travel on
-        for key, values in json.loads(r.raw_metadata.get(KEY_BASE_MISMATCH, "{}")).items():
-            if isinstance(values, dict):
-                overridden.setdefault(key, {}).update({str(k): str(v) for k, v in values.items()})
-    for key in BASE_KEYS:
-        values = {os.fspath(r.path): r.raw_metadata[key] for r in readers
-                  if key in r.raw_metadata}
-        if len(set(values.values())) > 1:
-            seen = "; ".join(f"{p}: {v!r}" for p, v in list(values.items())[:10])
-            if not allow_mismatch:
-                raise BaseMismatchError(
-                    f"inputs were made for different base models ({key} differs: {seen}). "
-                    "Pass --allow-base-mismatch (allow_base_mismatch=True) if that is intended."
-                )
-            overridden.setdefault(key, {}).update(
-                {os.path.basename(p): v for p, v in values.items()})
-        elif values:
-            base[key] = next(iter(values.values()))
-            missing = [os.fspath(r.path) for r in readers if key not in r.raw_metadata]
-            if missing:
-                warnings.warn(
-                    f"{', '.join(missing[:10])}: no {key}; the output keeps {base[key]!r} from "
-                    f"the other inputs, so it is not checked for these.",
-                    SpdeltaWarning, stacklevel=4)
-    if overridden:
-        base[KEY_BASE_MISMATCH] = json.dumps(overridden, sort_keys=True, separators=(",", ":"))
-    return base
+        Example:
+            >>> FileReport("convert", ["a"], "b", {}, 1, True, output_bytes=9).to_dict()
+            {'operation': 'convert', 'inputs': ['a'], 'output': 'b', 'parameters': {}, \
+'tensors': 1, 'written': True, 'output_bytes': 9}
+        """
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 @contextlib.contextmanager
@@ -194,13 +122,13 @@ def _read_any(reader: DeltaReader, name: str) -> Entry:
     return entry if isinstance(entry, ReplaceTensor) else reader.read(name)
 
 
-def _plan(readers: Sequence[DeltaReader], operation: str, allow: bool) -> dict[str, Any]:
+def _plan(readers: Sequence[DeltaReader], operation: str, allow: bool) -> CheckedInputs:
     """Shapes and output base keys: a chain of patches composes by its links (spec §6.5)."""
     metas = [r.raw_metadata for r in readers]
     if operation == "compose" and is_chain(metas):
         labels = [os.path.basename(r.path) for r in readers]
         base = chain_keys(list(zip(labels, metas, strict=True)), allow_mismatch=allow)
-        return {"shapes": _shapes(readers), "base": base}
+        return CheckedInputs(input_shapes(readers), base)
     if operation != "compose":
         for r in readers:
             replaced = [n for n in r.names if r.info(n).value_encoding == "replace"]
@@ -224,31 +152,25 @@ def _combine_files(
     allow_base_mismatch: bool,
     command: str | None,
     dry_run: bool,
-) -> Report:
+) -> FileReport:
     """Shared loop of merge and compose: one output tensor per name of any input."""
     with _open_all(paths) as readers:
         plan = _plan(readers, operation, allow_base_mismatch)
-        report: Report = {
-            "operation": operation,
-            "inputs": [os.fspath(p) for p in paths],
-            "output": os.fspath(output),
-            "parameters": parameters,
-            "tensors": len(plan["shapes"]),
-            "written": False,
-            "input_bytes": sum(os.path.getsize(p) for p in paths),
-        }
+        report = FileReport(operation, [os.fspath(p) for p in paths], os.fspath(output),
+                            parameters, len(plan.shapes), False,
+                            input_bytes=sum(os.path.getsize(p) for p in paths))
         if dry_run:
             return report
-        meta = {**plan["base"], KEY_PROVENANCE: _provenance(operation, paths, parameters, command)}
+        meta = {**plan.base, KEY_PROVENANCE: _provenance(operation, paths, parameters, command)}
         nnz = 0
         with DeltaWriter(output, metadata=meta, overwrite=overwrite) as writer:
-            for name, shape in plan["shapes"].items():
+            for name, shape in plan.shapes.items():
                 entries = [_read_any(r, name) if name in r else None for r in readers]
                 out = kernel(name, entries, numel_of(shape))
                 del entries  # keep only the output tensor alive while writing
                 writer.write(name, out)
                 nnz += out.nnz
-        return {**report, "written": True, "nnz": nnz, "output_bytes": os.path.getsize(output)}
+        return replace(report, written=True, nnz=nnz, output_bytes=os.path.getsize(output))
 
 
 def merge_files(
@@ -264,7 +186,7 @@ def merge_files(
     allow_base_mismatch: bool = False,
     command: str | None = None,
     dry_run: bool = False,
-) -> Report:
+) -> FileReport:
     """Merge delta files tensor by tensor with :func:`spdelta.ops.merge_tensor`; write ``output``.
 
     The result equals ``save_delta(merge([load_delta(p) for p in inputs], ...))`` apart
@@ -280,12 +202,13 @@ def merge_files(
         dry_run: Check inputs and parameters, write nothing.
 
     Returns:
-        A report: ``operation``, ``inputs``, ``output``, ``parameters``, ``tensors``,
-        ``written``, ``input_bytes`` and, once written, ``nnz`` and ``output_bytes``.
+        A :class:`FileReport` with ``input_bytes`` and, once written, ``nnz`` and
+        ``output_bytes``.
 
     Raises:
         ParameterError: A merge parameter is invalid.
-        ShapeError, BaseMismatchError: The inputs do not fit together (see :func:`check_inputs`).
+        ShapeError, BaseMismatchError: The inputs do not fit together (see
+            :func:`spdelta.format.check_inputs`).
         FormatError: An input is not a valid delta file.
         OutputExistsError: ``output`` exists and ``overwrite`` is false.
     """
@@ -345,7 +268,7 @@ def compose_files(
     allow_base_mismatch: bool = False,
     command: str | None = None,
     dry_run: bool = False,
-) -> Report:
+) -> FileReport:
     """Compose delta files in order, tensor by tensor (spec §6.5), streamed.
 
     Additive deltas are summed (:func:`spdelta.ops.compose`). With replacement tensors
@@ -404,12 +327,12 @@ def quantize_file(
     block_size: int = 64,
     overwrite: bool = False,
     command: str | None = None,
-) -> Report:
+) -> FileReport:
     """Quantize every tensor of a delta file to int8 / int4 (format 1.1), tensor by tensor.
 
     Returns:
-        A report with ``max_abs_error`` and ``relative_error`` (``||v - v'|| / ||v||`` over
-        all tensors, float64) besides the fields of :func:`merge_files`.
+        A :class:`FileReport` with ``output_bytes``, ``max_abs_error`` and
+        ``relative_error`` (``||v - v'|| / ||v||`` over all tensors, float64).
 
     Raises:
         ParameterError: ``bits`` is not 8 or 4, or ``block_size`` < 1.
@@ -436,17 +359,9 @@ def quantize_file(
                 ref2 += float((v * v).sum())
         tensors = len(reader.names)
     rel = math.sqrt(err2 / ref2) if ref2 > 0 else (0.0 if err2 == 0 else math.inf)
-    return {
-        "operation": "quantize",
-        "inputs": [os.fspath(input)],
-        "output": os.fspath(output),
-        "parameters": parameters,
-        "tensors": tensors,
-        "written": True,
-        "max_abs_error": max_abs,
-        "relative_error": rel,
-        "output_bytes": os.path.getsize(output),
-    }
+    return FileReport("quantize", [os.fspath(input)], os.fspath(output), parameters, tensors,
+                      True, output_bytes=os.path.getsize(output), max_abs_error=max_abs,
+                      relative_error=rel)
 
 
 def convert_file(
@@ -457,7 +372,7 @@ def convert_file(
     value_dtype: torch.dtype | None = None,
     overwrite: bool = False,
     command: str | None = None,
-) -> Report:
+) -> FileReport:
     """Re-encode a delta file: index encoding and/or value dtype, tensor by tensor.
 
     With ``value_dtype=None`` values are kept as stored (quantized tensors stay quantized);
@@ -487,12 +402,5 @@ def convert_file(
                     entry = reader.read(name)  # dequantized, then cast by the writer
                 writer.write(name, entry)
         tensors = len(reader.names)
-    return {
-        "operation": "convert",
-        "inputs": [os.fspath(input)],
-        "output": os.fspath(output),
-        "parameters": parameters,
-        "tensors": tensors,
-        "written": True,
-        "output_bytes": os.path.getsize(output),
-    }
+    return FileReport("convert", [os.fspath(input)], os.fspath(output), parameters, tensors,
+                      True, output_bytes=os.path.getsize(output))

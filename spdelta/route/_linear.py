@@ -1,4 +1,12 @@
-"""Route delta'd ``nn.Linear`` and ``Conv1D`` weights to the sparse-delta linear kernel."""
+"""Route delta'd ``nn.Linear`` and ``Conv1D`` weights to the sparse-delta linear kernel.
+
+One mechanism for every way a delta reaches a linear: the module's instance ``forward``
+is set to :func:`routed_forward`, which runs :func:`spdelta.kernels.sparse_delta_linear`
+on the module's (unmerged) ``weight`` and a delta's ``(indices, values)``. Where those come
+from is the only difference: :class:`LinearRouter` passes them for one ``functional_call``
+(``make_loss_fn``'s fast path), and :func:`spdelta.route.attach_delta` keeps them on the
+module (FSDP2 training, where the module must own what it trains).
+"""
 
 from __future__ import annotations
 
@@ -10,16 +18,52 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from spdelta.kernels._linear import sparse_delta_linear
+from spdelta.kernels import sparse_delta_linear
 
-__all__ = ["LinearRouter"]
+__all__ = [
+    "LinearRouter", "is_plain_linear", "routed_forward", "swapped_forwards",
+]
 
 
-def _forward(module: nn.Module, transposed: bool, indices: Tensor, values: Tensor,
-             input: Tensor) -> Tensor:  # noqa: A002
-    # ``module.weight`` is whatever functional_call swapped in: the unmerged base W.
+def routed_forward(module: nn.Module, transposed: bool, indices: Tensor, values: Tensor,
+                   input: Tensor) -> Tensor:  # noqa: A002
+    """``module``'s output with a sparse delta on its weight: ``x (W + D)^T + b``.
+
+    ``module.weight`` is read at call time: the base that ``functional_call`` swapped in,
+    or the parameter FSDP2 has just gathered.
+
+    Args:
+        module: A plain ``nn.Linear`` (``transposed=False``) or transformers ``Conv1D``
+            (``transposed=True``, weight stored ``(in, out)``).
+        transposed: Whether the weight is stored ``(in, out)``.
+        indices: 1-D int64 sorted flat positions into ``module.weight``.
+        values: 1-D values at ``indices`` (may be ``torch.func``-wrapped).
+        input: ``(..., in_features)``.
+
+    Returns:
+        ``(..., out_features)``, as the module's own forward with the merged weight.
+
+    Example:
+        >>> import torch
+        >>> lin = nn.Linear(2, 1, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = lin.weight.zero_()
+        >>> routed_forward(lin, False, torch.tensor([1]), torch.tensor([2.0]),
+        ...                torch.ones(1, 2)).tolist()
+        [[2.0]]
+    """
     return sparse_delta_linear(input, module.weight, module.bias, indices,  # type: ignore[arg-type]
                                values, transposed=transposed)
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    """Whether a delta on ``module.weight`` can be routed: a plain ``nn.Linear`` or ``Conv1D``.
+
+    Example:
+        >>> is_plain_linear(nn.Linear(2, 2)), is_plain_linear(nn.Embedding(2, 2))
+        (True, False)
+    """
+    return _kind(module) is not None
 
 
 def _kind(module: nn.Module) -> bool | None:
@@ -89,7 +133,7 @@ class LinearRouter:
         forwards = []
         for name, (indices, values) in deltas.items():
             module, transposed = self._modules[name]
-            forwards.append((module, partial(_forward, module, transposed, indices, values)))
+            forwards.append((module, partial(routed_forward, module, transposed, indices, values)))
         with swapped_forwards(forwards):
             yield
 
@@ -99,6 +143,17 @@ def swapped_forwards(forwards: Sequence[tuple[nn.Module, Callable[..., Any]]]) -
     """Set each module's instance ``forward`` while open; restore the previous one after.
 
     ``nn.Module.__call__`` looks ``forward`` up on the instance, so hooks still run.
+
+    Args:
+        forwards: ``(module, forward)`` pairs; ``forward(input)`` replaces the module's.
+
+    Example:
+        >>> import torch
+        >>> lin = nn.Linear(1, 1)
+        >>> with swapped_forwards([(lin, lambda x: x * 0 + 7)]):
+        ...     inside = lin(torch.ones(1, 1)).item()
+        >>> inside, "forward" in lin.__dict__
+        (7.0, False)
     """
     saved: list[tuple[nn.Module, Any]] = []
     try:

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from spdelta.kernels._linear import sparse_delta_linear
-from spdelta.kernels._route import swapped_forwards
+from spdelta.kernels import sparse_delta_linear
+from spdelta.route._linear import swapped_forwards
 
 __all__ = ["ExpertsRouter"]
 
@@ -110,7 +110,7 @@ class ExpertsRouter:
     :meth:`patch` is open, such a module's ``forward`` is its eager loop over the
     experts that received tokens, computing ``x W_e^T`` with
     :func:`spdelta.kernels.sparse_delta_linear` on expert ``e``'s slice of the support
-    (the same mechanism and caveats as :class:`spdelta.kernels.LinearRouter`).
+    (the same mechanism and caveats as :class:`spdelta.route.LinearRouter`).
 
     Args:
         model: The module whose experts may be routed.

@@ -8,8 +8,11 @@ from torch import Tensor, nn
 from torch.func import grad, grad_and_value, vmap
 
 from spdelta import make_loss_fn
-from spdelta.errors import SpdeltaError
-from spdelta.kernels import LinearRouter, _route, eager_grad_and_value, sparse_delta_linear
+from spdelta.errors import KeyMismatchError, SpdeltaError
+from spdelta.functional import add_at, eager_grad_and_value
+from spdelta.kernels import sparse_delta_linear
+from spdelta.route import LinearRouter, attach_delta, attached_deltas
+from spdelta.route import _linear as _route
 
 Problem = tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]
 
@@ -123,3 +126,57 @@ def test_eager_grad_and_value_equals_func(tiny_llama: nn.Module,
     torch.testing.assert_close(loss, want_loss)
     assert not loss.requires_grad
     _assert_same(got, want)
+
+
+def _conv1d(n_in: int, n_out: int) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    return transformers.pytorch_utils.Conv1D(n_out, n_in)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_attach_delta_equals_the_merged_layer_in_float64(kind: str) -> None:
+    """An attached delta: output and values' gradient equal the dense merge, same module."""
+    gen = torch.Generator().manual_seed(0)
+    layer = (nn.Linear(5, 3) if kind == "linear" else _conv1d(5, 3)).double()
+    support = torch.tensor([0, 4, 7, 14])
+    attach_delta(layer, support)
+    with torch.no_grad():
+        layer.values.copy_(torch.randn(4, generator=gen, dtype=torch.float64))
+    x = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    out = layer(x)
+    out.square().sum().backward()
+    values = layer.values.detach().clone().requires_grad_()
+    merged = add_at(layer.weight.detach(), support, values)
+    want = x @ merged + layer.bias if kind == "conv1d" else x @ merged.T + layer.bias
+    want.square().sum().backward()
+    _assert_same({"out": out}, {"out": want})
+    _assert_same({"grad": layer.values.grad}, {"grad": values.grad})
+    assert list(attached_deltas(nn.Sequential(layer))) == ["0.weight"]
+
+
+def test_attach_delta_refuses_other_modules_and_a_second_delta() -> None:
+    with pytest.raises(KeyMismatchError, match="Embedding"):
+        attach_delta(nn.Embedding(3, 2), torch.tensor([0]))
+    lin = nn.Linear(2, 2)
+    attach_delta(lin, torch.tensor([0]))
+    with pytest.raises(KeyMismatchError, match="without a delta"):
+        attach_delta(lin, torch.tensor([1]))
+
+
+def test_router_and_attached_delta_run_one_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both ways a delta reaches a linear go through route's one routed forward."""
+    calls: list[int] = []
+
+    def counting(*args: object, **kwargs: object) -> Tensor:
+        calls.append(1)
+        return sparse_delta_linear(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_route, "sparse_delta_linear", counting)
+    model = nn.Sequential(nn.Linear(2, 2, bias=False))
+    fn = make_loss_fn(model, loss=lambda out, batch: out.sum())
+    base = {"0.weight": torch.zeros(2, 2)}
+    fn({"0.weight": torch.ones(1)}, base, {"0.weight": torch.tensor([1])},
+       {"input": torch.ones(1, 2)})
+    attach_delta(model[0], torch.tensor([1]))
+    model(torch.ones(1, 2))
+    assert len(calls) == 2
