@@ -355,7 +355,8 @@ def _sweep(cfg: Config, out_dir: Path, report: dict[str, Any], say: Callable[[st
                 results[t][m] = r
                 note = r.get("error") or ", ".join(
                     f"{x['lr']:g} {x['schedule']}: {x['val_accuracy']:.3f}"
-                    for x in r.get("runs", [])) or f"val {r['val_accuracy']:.3f}"
+                    for x in r.get("runs", [])) or (f"val {r['val_accuracy']:.3f}"
+                                                    if "val_accuracy" in r else "nothing kept")
             elapsed = time.perf_counter() - t0
             say(f"[{done}/{len(futures)}] {t} {m}: {note} (elapsed {elapsed:.0f} s)")
             report["elapsed_s"] = time.perf_counter() - t0
