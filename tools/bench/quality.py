@@ -339,6 +339,11 @@ def _sweep(cfg: Config, out_dir: Path, report: dict[str, Any], say: Callable[[st
     order = sorted(((t, m) for t in cfg.tasks for m in cfg.methods),
                    key=lambda tm: -sweep_seconds(cfg, *tm, out_dir / "runs"))  # longest first
     order = [(t, m) for t, m in order if not _done(results[t].get(m, {}))]
+    if cfg.cached_only:  # only kept records to read: no child process, no model
+        for t, m in [(t, m) for t, m in order if m != "zero_shot"]:
+            results[t][m] = sweep_child(t, m, asdict(cfg), str(out_dir / "runs"))
+            say(f"kept: {t} {m}: {len(results[t][m]['runs'])} runs")
+        order = [(t, m) for t, m in order if m == "zero_shot"]
     with _pool(cfg) as pool:
         futures = {pool.submit(sweep_child, t, m, asdict(cfg), str(out_dir / "runs")): (t, m)
                    for t, m in order}
@@ -436,6 +441,7 @@ def run(cfg: Config, out_dir: Path, say: Callable[[str], None] = print, *,
         _resumed(out_dir, report, say)
     t0 = time.perf_counter()
     _sweep(cfg, out_dir, report, say, t0)
+    report["elapsed_s"] = time.perf_counter() - t0
     report["chosen"] = choose(report["results"], cfg)
     say("defaults chosen on validation (mean over tasks): " + "; ".join(
         f"{m} lr {c['lr']:g} {c['schedule']} ({c['mean_val']:.3f})"
