@@ -36,7 +36,9 @@ full fine-tuning follow them through ``LambdaLR``). Each run's accuracy on the f
 ``--val-examples`` validation rows is recorded with its standard error
 ``sqrt(p (1 - p) / n)``, and its trained weights (the delta, or LoRA's adapters) are
 saved under ``<out>/runs`` with a record of the run (kept by a later sweep with the
-same run settings, so a sweep can grow in stages; see ``--no-test``). The standard
+same run settings, so a sweep can grow in stages; see ``--no-test``; full fine-tuning's
+result and each test result are kept the same way, keyed also by ``--test-examples``, and
+``--cached-only`` assembles the table from the kept records alone). The standard
 error of a classification accuracy is binomial; Hamlet's treats pieces as the units.
 
 Choice and test: for LoRA and each sparse method, the (LR, schedule) with the best
