@@ -72,6 +72,31 @@ def test_a_given_template_replaces_the_tokenizers(tiny_chat_tokenizer) -> None:
     assert prompt_format(tiny_chat_tokenizer, "auto") == "chat:tokenizer"
 
 
+def test_auto_without_a_template_is_prompt_answer_suffix_then_response(bpe) -> None:
+    got = encode_prompt_response(bpe, ["ab a", "no"], ["yes", "b"], max_length=64)
+    for row, (p, r) in enumerate((("ab a", "yes"), ("no", "b"))):
+        ids = got["input_ids"][row][got["attention_mask"][row].bool()].tolist()
+        answer = bpe(r, add_special_tokens=False)["input_ids"] + [bpe.eos_token_id]
+        assert ids == bpe(p + "\nAnswer:")["input_ids"] + answer
+        targets = got["shift_labels"][row]
+        assert targets[targets != -100].tolist() == answer  # the loss: response and EOS only
+
+
+def test_auto_with_a_template_is_the_chat_turns_then_response(tiny_chat_tokenizer) -> None:
+    tok = tiny_chat_tokenizer
+    got = encode_prompt_response(tok, ["hi there"], ["yo"], system="Be brief.")
+    ids = got["input_ids"][0][got["attention_mask"][0].bool()].tolist()
+    turns = tok.apply_chat_template([{"role": "system", "content": "Be brief."},
+                                     {"role": "user", "content": "hi there"}],
+                                    add_generation_prompt=True, tokenize=False)
+    prompt = tok(turns, add_special_tokens=False)["input_ids"]
+    assert ids == prompt + tok("yo", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    # Truncation keeps the response whole and cuts the prompt from the left.
+    short = encode_prompt_response(tok, ["hi there"], ["yo"], system="Be brief.", max_length=4)
+    kept = short["input_ids"][0][short["attention_mask"][0].bool()].tolist()
+    assert len(kept) == 4 and kept == ids[-4:]
+
+
 @pytest.fixture(scope="module")
 def tiny_chat_tokenizer(tiny_chat_lm_dir: str):
     from transformers import AutoTokenizer

@@ -36,7 +36,9 @@ full fine-tuning follow them through ``LambdaLR``). Each run's accuracy on the f
 ``--val-examples`` validation rows is recorded with its standard error
 ``sqrt(p (1 - p) / n)``, and its trained weights (the delta, or LoRA's adapters) are
 saved under ``<out>/runs`` with a record of the run (kept by a later sweep with the
-same run settings, so a sweep can grow in stages; see ``--no-test``). The standard
+same run settings, so a sweep can grow in stages; see ``--no-test``; full fine-tuning's
+result and each test result are kept the same way, keyed also by ``--test-examples``, and
+``--cached-only`` assembles the table from the kept records alone). The standard
 error of a classification accuracy is binomial; Hamlet's treats pieces as the units.
 
 Choice and test: for LoRA and each sparse method, the (LR, schedule) with the best
@@ -339,6 +341,11 @@ def _sweep(cfg: Config, out_dir: Path, report: dict[str, Any], say: Callable[[st
     order = sorted(((t, m) for t in cfg.tasks for m in cfg.methods),
                    key=lambda tm: -sweep_seconds(cfg, *tm, out_dir / "runs"))  # longest first
     order = [(t, m) for t, m in order if not _done(results[t].get(m, {}))]
+    if cfg.cached_only:  # only kept records to read: no child process, no model
+        for t, m in [(t, m) for t, m in order if m != "zero_shot"]:
+            results[t][m] = sweep_child(t, m, asdict(cfg), str(out_dir / "runs"))
+            say(f"kept: {t} {m}: {len(results[t][m]['runs'])} runs")
+        order = [(t, m) for t, m in order if m == "zero_shot"]
     with _pool(cfg) as pool:
         futures = {pool.submit(sweep_child, t, m, asdict(cfg), str(out_dir / "runs")): (t, m)
                    for t, m in order}
@@ -355,7 +362,8 @@ def _sweep(cfg: Config, out_dir: Path, report: dict[str, Any], say: Callable[[st
                 results[t][m] = r
                 note = r.get("error") or ", ".join(
                     f"{x['lr']:g} {x['schedule']}: {x['val_accuracy']:.3f}"
-                    for x in r.get("runs", [])) or f"val {r['val_accuracy']:.3f}"
+                    for x in r.get("runs", [])) or (f"val {r['val_accuracy']:.3f}"
+                                                    if "val_accuracy" in r else "nothing kept")
             elapsed = time.perf_counter() - t0
             say(f"[{done}/{len(futures)}] {t} {m}: {note} (elapsed {elapsed:.0f} s)")
             report["elapsed_s"] = time.perf_counter() - t0
@@ -435,6 +443,7 @@ def run(cfg: Config, out_dir: Path, say: Callable[[str], None] = print, *,
         _resumed(out_dir, report, say)
     t0 = time.perf_counter()
     _sweep(cfg, out_dir, report, say, t0)
+    report["elapsed_s"] = time.perf_counter() - t0
     report["chosen"] = choose(report["results"], cfg)
     say("defaults chosen on validation (mean over tasks): " + "; ".join(
         f"{m} lr {c['lr']:g} {c['schedule']} ({c['mean_val']:.3f})"
