@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from spdelta.errors import DataError, ParameterError
-from spdelta.train._spiel_io import SpielState
+from spdelta.train import SpielState
 
 if TYPE_CHECKING:
     from spdelta.train.job import TrainConfig

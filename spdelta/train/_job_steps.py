@@ -11,7 +11,7 @@ import torch
 
 from spdelta.errors import SpdeltaError
 from spdelta.optim import Schedule
-from spdelta.train._spiel_io import SpielState
+from spdelta.train import SpielState
 from spdelta.types import Params, Support
 
 if TYPE_CHECKING:

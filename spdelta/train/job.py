@@ -40,7 +40,7 @@ from spdelta.train._job_steps import (
     select_support,
 )
 from spdelta.train._job_targets import JobTargets, job_targets, say_support, say_targets
-from spdelta.train._spiel_io import SpielState
+from spdelta.train import SpielState
 
 __all__ = ["TrainConfig", "train_job"]
 
