@@ -22,9 +22,9 @@ from spdelta._io import atomic_write
 from spdelta.delta import SparseDelta
 from spdelta.errors import OutputExistsError, ParameterError, SpdeltaError
 from spdelta.format.constants import KEY_BASE_MODEL, KEY_FINGERPRINT, KEY_TRAINING
+from spdelta.train import SpielState
 from spdelta.train._defaults import default_lr
 from spdelta.train._job_dir import ckpt_dir, mark, outputs, remove_checkpoint
-from spdelta.train import SpielState
 
 if TYPE_CHECKING:
     from spdelta.train.job import TrainConfig, _Run

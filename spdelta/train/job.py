@@ -25,6 +25,7 @@ import torch
 from torch.utils._pytree import tree_map_only
 
 from spdelta.errors import ParameterError
+from spdelta.train import SpielState
 from spdelta.train._accum import MicroBatches
 from spdelta.train._job_config import TrainConfig, check_config
 from spdelta.train._job_data import JobData
@@ -40,7 +41,6 @@ from spdelta.train._job_steps import (
     select_support,
 )
 from spdelta.train._job_targets import JobTargets, job_targets, say_support, say_targets
-from spdelta.train import SpielState
 
 __all__ = ["TrainConfig", "train_job"]
 
