@@ -12,7 +12,7 @@ from torch import Tensor
 from spdelta.types import Support, Values, is_plain
 
 __all__ = ["EntryValues", "StateSupport", "Transform", "apply_updates", "chain",
-           "empty_like_flat", "state_fields"]
+           "empty_like_flat", "is_state", "state_fields"]
 
 #: Annotation of an optimizer-state field that holds one entry per delta value (name ->
 #: 1-D tensor aligned with the support): a support change remaps it entry by entry.
@@ -36,6 +36,17 @@ class Transform(NamedTuple):
 
     init: InitFn
     update: UpdateFn
+
+
+def is_state(x: object) -> bool:
+    """Whether ``x`` is a state record: a ``NamedTuple`` instance (not a plain tuple).
+
+    Example:
+        >>> from spdelta.optim import AdamWState
+        >>> is_state(AdamWState({}, {}, {})), is_state(({}, {}))
+        (True, False)
+    """
+    return isinstance(x, tuple) and hasattr(type(x), "_fields")
 
 
 @functools.cache

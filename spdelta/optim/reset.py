@@ -10,7 +10,7 @@ from torch import Tensor
 
 from spdelta._ranks import full_tensor, shard_like
 from spdelta.errors import KeyMismatchError, SpdeltaError, format_names
-from spdelta.optim._base import state_fields
+from spdelta.optim._base import is_state, state_fields
 from spdelta.types import Support
 
 __all__ = ["locate", "remap_state", "remap_values"]
@@ -121,10 +121,11 @@ def _remap(state: Any, entry: Callable[[str, Tensor], Tensor], new: Support) -> 
         return None
     if type(state) is tuple:
         return tuple(_remap(s, entry, new) for s in state)
-    if not (isinstance(state, tuple) and hasattr(type(state), "_fields")):
+    if not is_state(state):
         raise SpdeltaError(f"remap_state: an optimizer state must be None, a tuple of states or a "
                            f"NamedTuple; found a {type(state).__name__}.")
-    per_entry, supports = state_fields(type(state))
+    cls: type = type(state)
+    per_entry, supports = state_fields(cls)
     changes = {f: {n: entry(n, t) for n, t in getattr(state, f).items()} for f in per_entry}
     changes.update({f: {n: new.get(n, s) for n, s in getattr(state, f).items()}
                     for f in supports})

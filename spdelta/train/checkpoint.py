@@ -35,6 +35,7 @@ from spdelta.errors import SpdeltaError
 from spdelta.format._container import encode_header
 from spdelta.format.constants import SAFETENSORS_DTYPES
 from spdelta.optim import AdamWState, SM3State
+from spdelta.optim._base import is_state
 from spdelta.train._loop import TrainState
 from spdelta.train._spiel_core import SpielState
 
@@ -49,16 +50,12 @@ _SEP = "::"  # never occurs in a state-dict name (spec §4), so keys are unambig
 _KNOWN = (TrainState, SpielState, AdamWState, SM3State)
 
 
-def _is_state(x: Any) -> bool:
-    return isinstance(x, tuple) and hasattr(type(x), "_fields")
-
-
 def _flatten(tree: Any, prefix: str, out: dict[str, Tensor]) -> Any:
     """Tensors go to ``out[path]``; the returned skeleton holds JSON-able placeholders."""
     if isinstance(tree, Tensor):
         out[prefix] = tree
         return {"__tensor__": prefix}
-    if _is_state(tree):
+    if is_state(tree):
         return {"__state__": type(tree).__name__, "fields": {
             f: _flatten(getattr(tree, f), f"{prefix}{_SEP}{f}", out) for f in tree._fields}}
     if isinstance(tree, dict):
@@ -73,7 +70,7 @@ def _flatten(tree: Any, prefix: str, out: dict[str, Tensor]) -> Any:
 
 def _types_in(tree: Any, out: dict[str, type]) -> dict[str, type]:
     """The ``NamedTuple`` classes found in ``tree`` (a template state), by name."""
-    if _is_state(tree):
+    if is_state(tree):
         out[type(tree).__name__] = type(tree)
     if isinstance(tree, dict):
         tree = list(tree.values())
@@ -85,7 +82,7 @@ def _types_in(tree: Any, out: dict[str, type]) -> dict[str, type]:
 
 def _child(like: Any, key: Any) -> Any:
     """The template's node at ``key`` (a field, dict key or position), or ``None``."""
-    if isinstance(key, str) and _is_state(like):
+    if isinstance(key, str) and is_state(like):
         return getattr(like, key, None)
     if isinstance(key, str) and isinstance(like, dict):
         return like.get(key)
