@@ -298,6 +298,15 @@ def regrow_if_due(config: SpielConfig, state: SpielState, scores: Callable[[str]
 
     Returns:
         ``(state, {"fraction": ..., "regrown": ...})`` (zeros off regrowth steps).
+
+    Example:
+        >>> import torch
+        >>> c = SpielConfig(total_steps=8, update_every=4, accumulate_steps=1, initial_fraction=1.0)
+        >>> s = SpielState({"w": torch.tensor([0.5, 0.1])}, {"w": torch.tensor([0, 1])}, None,
+        ...                4, {}, None)  # after the update of step 4: half of the entries go
+        >>> s, metrics = regrow_if_due(c, s, lambda name: torch.tensor([0.0, 0.0, 3.0, 1.0]))
+        >>> s.support["w"].tolist(), metrics
+        ([0, 2], {'fraction': 0.5, 'regrown': 1.0})
     """
     if not config.regrows_at(state.step):
         return state, {"fraction": 0.0, "regrown": 0.0}
