@@ -11,12 +11,17 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from spdelta._ranks import full_tensor, shard_like
-from spdelta.dist._fsdp import Batch, _delta_layers, _forward_backward, _value_params
+from spdelta.dist._fsdp import (
+    Batch,
+    DeltaLinear,
+    _delta_layers,
+    _forward_backward,
+    _value_params,
+)
 from spdelta.dist._sync import all_reduce_mean, assert_replicated
 from spdelta.errors import ParameterError
 from spdelta.optim import Transform, apply_updates
-from spdelta.train._spiel_core import Regrowth, Schedule, regrow_if_due
-from spdelta.train.spiel import SpielConfig, SpielState
+from spdelta.train._spiel_core import Regrowth, Schedule, SpielConfig, SpielState, regrow_if_due
 from spdelta.types import Values
 
 __all__ = ["fsdp_spiel_init", "make_fsdp_spiel_step"]
@@ -45,6 +50,13 @@ def fsdp_spiel_init(model: nn.Module, optimizer: Transform) -> SpielState:
     layers = _delta_layers(model)
     support = {n: layers[n].support.clone() for n in values}
     return SpielState(values, support, optimizer.init(values), 0, {}, None)
+
+
+def _write_supports(layers: Mapping[str, DeltaLinear], support: Mapping[str, Tensor]) -> None:
+    """Copy ``support`` into the layers' ``support`` buffers (the state is the source of truth)."""
+    with torch.no_grad():
+        for n, layer in layers.items():
+            layer.support.copy_(support[n])
 
 
 def _accumulate(grad_acc: Values, weights: Mapping[str, nn.Parameter], values: Values) -> Values:
@@ -144,9 +156,7 @@ def make_fsdp_spiel_step(
     def fsdp_spiel_step(state: SpielState, batch: Batch) -> tuple[SpielState, dict[str, float]]:
         t = state.step + 1
         window = config.accumulates_at(t)
-        with torch.no_grad():
-            for n, layer in layers.items():
-                layer.support.copy_(state.support[n])
+        _write_supports(layers, state.support)
         for w in weights.values():  # FSDP then reduce-scatters dL/dW too (AG's gradient)
             w.requires_grad_(window)
         try:
@@ -164,9 +174,7 @@ def make_fsdp_spiel_step(
         state, regrown = regrow_if_due(config, state,
                                        lambda n: full_tensor(sums[n]).reshape(-1).abs())
         if config.regrows_at(t):
-            with torch.no_grad():
-                for n, layer in layers.items():
-                    layer.support.copy_(state.support[n])
+            _write_supports(layers, state.support)
             if check_supports:
                 assert_replicated(state.support, group, what="SpIEL support")
         return state, {"loss": float(mean), "step": float(t), **regrown}
