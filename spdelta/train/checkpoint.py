@@ -342,10 +342,14 @@ def load_state(path: str | os.PathLike[str], *, template: Any = None) -> Any:
         return t
 
     try:
-        return _unflatten(doc["tree"], read, types, template)
+        state = _unflatten(doc["tree"], read, types, template)
+        if type(state).__name__ != doc["kind"]:
+            raise TypeError(f"the tree holds a {type(state).__name__}, the document says "
+                            f"{doc['kind']}")
     except (KeyError, TypeError, ValueError) as e:
         raise SpdeltaError(f"{os.fspath(path)!r}: malformed training state "
                            f"({type(e).__name__}: {e}).") from e
+    return state
 
 
 #: :func:`load_state` under its ``spdelta.dist`` name: it reads a checkpoint directory too.

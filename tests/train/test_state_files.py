@@ -87,6 +87,7 @@ def test_train_resume_refuses_a_crafted_checkpoint_without_running_it(
     {"__dict__": [1, 2]},
     {"__state__": "system", "fields": {"command": "touch pwned"}},  # not a known state class
     {"__state__": "TrainState", "fields": {"values": {}, "opt_state": None, "step": 1, "x": 2}},
+    "top",  # the whole tree is an AdamWState, not the TrainState the document names
 ])
 def test_a_state_file_is_data_only(tmp_path: Path, node: object, version: int) -> None:
     save_checkpoint(TrainState({"w": torch.ones(2)}, None, 3), tmp_path / "ck")
@@ -94,6 +95,9 @@ def test_a_state_file_is_data_only(tmp_path: Path, node: object, version: int) -
     fields = {"values": node, "opt_state": None, "step": 3}
     tree = ({"__dict__": fields} if version == 2 else
             {"__state__": "TrainState", "fields": fields})
+    if node == "top":
+        tree = {"__state__": "AdamWState", "fields": {"steps": {"__dict__": {}}, "mu": None,
+                                                      "nu": None, "num_updates": 0}}
     doc = {"format": f"spdelta.train_state/{version}", "kind": "TrainState", "tree": tree}
     save_file({"s::values::w": torch.ones(2)}, str(file),
               metadata={"spdelta.state": json.dumps(doc)})
