@@ -12,8 +12,8 @@ Launch a script with ``torchrun --nproc_per_node=N script.py``; inside it,
 - FSDP2: :func:`shard_with_deltas` shards the frozen base weights and the values per
   layer; :func:`make_fsdp_train_step` trains them with a sharded element-wise optimizer,
   :func:`make_fsdp_spiel_step` with SpIEL-AG (supports from global dense gradients).
-- Checkpoints: :func:`save_checkpoint` / :func:`load_checkpoint` (safetensors + JSON), resumable at
-  another world size.
+- Checkpoints: :func:`save_checkpoint` / :func:`load_checkpoint` (safetensors + JSON, the
+  one format of :mod:`spdelta.train.checkpoint`), resumable at another world size.
 
 Example:
     >>> from spdelta.dist import init_from_env
@@ -21,7 +21,6 @@ Example:
     1
 """
 
-from spdelta.dist._ckpt import load_checkpoint, save_checkpoint
 from spdelta.dist._env import DistEnv, init_from_env, rank_and_world, shard_batch, shard_batches
 from spdelta.dist._fsdp import (
     fsdp_delta,
@@ -44,6 +43,7 @@ from spdelta.dist._sync import (
     sync_grads,
     sync_loss_fn,
 )
+from spdelta.train.checkpoint import load_checkpoint, save_checkpoint
 
 __all__ = [
     "DIST_METRICS",

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from spdelta._ranks import rank_and_world
 from spdelta.errors import ParameterError
 
 __all__ = ["DistEnv", "init_from_env", "rank_and_world", "shard_batch", "shard_batches"]
@@ -67,18 +68,6 @@ def init_from_env(backend: str | None = None) -> DistEnv:
         dist.init_process_group(chosen, **kwargs)
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device,
                    str(dist.get_backend()))
-
-
-def rank_and_world(group: dist.ProcessGroup | None = None) -> tuple[int, int]:
-    """``(rank, world_size)`` in ``group``; ``(0, 1)`` when no process group exists.
-
-    Example:
-        >>> rank_and_world()
-        (0, 1)
-    """
-    if not dist.is_available() or not dist.is_initialized():
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
 
 
 def shard_batch(batch: Batch, rank: int, world_size: int) -> dict[str, Any]:

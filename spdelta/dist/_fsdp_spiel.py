@@ -1,4 +1,4 @@
-"""SpIEL-AG under FSDP2: supports regrown from sharded dense gradients."""
+"""SpIEL-AG under FSDP2: the schedule and regrowth of :mod:`spdelta.train.spiel`, on shards."""
 
 from __future__ import annotations
 
@@ -8,28 +8,20 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 
+from spdelta._ranks import full_tensor, shard_like
 from spdelta.dist._fsdp import (
     Batch,
     _delta_layers,
     _forward_backward,
     _value_params,
-    _whole,
 )
 from spdelta.dist._sync import all_reduce_mean, assert_replicated
 from spdelta.errors import ParameterError
-from spdelta.optim import Transform, apply_updates, remap_state
+from spdelta.optim import Transform, apply_updates
 from spdelta.route import AttachedDelta
-from spdelta.optim.reset import state_from_tree, state_to_tree
-from spdelta.train.spiel import (
-    Regrowth,
-    Schedule,
-    SpielState,
-    make_spiel_step,
-    prune_fraction,
-    prune_regrow,
-)
+from spdelta.train._spiel_core import Regrowth, Schedule, SpielConfig, SpielState, regrow_if_due
 from spdelta.types import Values
 
 __all__ = ["fsdp_spiel_init", "make_fsdp_spiel_step"]
@@ -60,42 +52,11 @@ def fsdp_spiel_init(model: nn.Module, optimizer: Transform) -> SpielState:
     return SpielState(values, support, optimizer.init(values), 0, {}, None)
 
 
-def _sharded_like(full: Tensor, like: Tensor) -> Tensor:
-    """``full`` (identical on every rank) laid out as ``like``: each rank keeps its own shard."""
-    if not isinstance(like, DTensor):
-        return full
-    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
-
-
-def _map_named(tree: Any, name: str, fn: Callable[[tuple[Any, ...], Tensor], Tensor],
-               path: tuple[Any, ...] = ()) -> Any:
-    """Apply ``fn(path, tensor)`` to every tensor stored under the key ``name`` in ``tree``."""
-    if isinstance(tree, dict):
-        return {k: fn((*path, k), v) if k == name and isinstance(v, Tensor)
-                else _map_named(v, name, fn, (*path, k)) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_map_named(v, name, fn, (*path, i)) for i, v in enumerate(tree)]
-    return tree
-
-
-def _remap_one(opt_state: Any, name: str, old: Tensor, new: Tensor) -> Any:
-    """:func:`~spdelta.optim.remap_state` for one tensor's entries, gathered and resharded.
-
-    The state is walked in its public tree form (:func:`~spdelta.optim.reset.state_to_tree`),
-    so any state ``remap_state`` knows works; only ``name``'s tensors are made whole.
-    """
-    layouts: dict[tuple[Any, ...], Tensor] = {}
-
-    def gather(path: tuple[Any, ...], t: Tensor) -> Tensor:
-        layouts[path] = t
-        return _whole(t)
-
-    def scatter(path: tuple[Any, ...], t: Tensor) -> Tensor:
-        return _sharded_like(t, layouts[path]) if path in layouts else t
-
-    whole = state_from_tree(_map_named(state_to_tree(opt_state), name, gather))
-    moved = remap_state(whole, {name: old}, {name: new})
-    return state_from_tree(_map_named(state_to_tree(moved), name, scatter))
+def _write_supports(layers: Mapping[str, AttachedDelta], support: Mapping[str, Tensor]) -> None:
+    """Copy ``support`` into the layers' ``support`` buffers (the state is the source of truth)."""
+    with torch.no_grad():
+        for n, layer in layers.items():
+            layer.support.copy_(support[n])
 
 
 def _accumulate(grad_acc: Values, weights: Mapping[str, nn.Parameter], values: Values) -> Values:
@@ -106,26 +67,9 @@ def _accumulate(grad_acc: Values, weights: Mapping[str, nn.Parameter], values: V
         w.grad = None
         prev = out.get(n)
         if prev is not None and not isinstance(prev, DTensor):  # loaded whole: shard it
-            prev = _sharded_like(prev.reshape(w.shape).to(g.dtype), g)
+            prev = shard_like(prev.reshape(w.shape).to(g.dtype), g)
         out[n] = g if prev is None else prev + g  # (out, in), sharded like the weight
     return out
-
-
-def _regrow(state: SpielState, fraction: float, layers: Mapping[str, AttachedDelta]
-            ) -> tuple[SpielState, int]:
-    """:func:`prune_regrow` per tensor on whole (gathered) values and scores, then reshard."""
-    values, support, opt_state = dict(state.values), dict(state.support), state.opt_state
-    regrown = 0
-    for n in sorted(support):
-        scores = _whole(state.grad_acc[n]).reshape(-1).abs()  # (numel,), transient
-        res = prune_regrow(support[n], _whole(values[n]), scores, fraction=fraction)
-        values[n] = _sharded_like(res.values, values[n])
-        opt_state = _remap_one(opt_state, n, support[n], res.support)
-        support[n] = res.support
-        with torch.no_grad():
-            layers[n].support.copy_(res.support)
-        regrown += int(res.grown.sum())
-    return state._replace(values=values, support=support, opt_state=opt_state, grad_acc={}), regrown
 
 
 def make_fsdp_spiel_step(
@@ -136,7 +80,8 @@ def make_fsdp_spiel_step(
 ) -> Callable[[SpielState, Batch], tuple[SpielState, dict[str, float]]]:
     """:func:`spdelta.train.spiel.make_spiel_step` (AG) for a model from :func:`shard_with_deltas`.
 
-    Same schedule and semantics as the single-process step, on global gradients: step
+    The single-process step's :class:`~spdelta.train.SpielConfig` (schedule, checks)
+    and regrowth (the same code: :mod:`spdelta.train.spiel`), on global gradients: step
     ``t`` regrows when ``t % update_every == 0`` and ``t < total_steps``, and AG sums
     the dense gradient of each target weight over the ``accumulate_steps`` steps
     ending there. During those steps the frozen base weights of the
@@ -196,12 +141,10 @@ def make_fsdp_spiel_step(
         Ansell et al., "Scaling Sparse Fine-Tuning to Large Language Models", 2024,
         https://arxiv.org/abs/2401.16405
     """
-    # make_spiel_step validates the hyperparameters (same rules and messages); its step is unused.
-    make_spiel_step(lambda *a: torch.zeros(()), {}, optimizer, total_steps=total_steps,
-                    regrowth=regrowth, update_every=update_every,
-                    accumulate_steps=accumulate_steps, initial_fraction=initial_fraction,
-                    schedule=schedule)
-    if regrowth == "ma":
+    config = SpielConfig(total_steps=total_steps, regrowth=regrowth, update_every=update_every,
+                         accumulate_steps=accumulate_steps, initial_fraction=initial_fraction,
+                         schedule=schedule)
+    if config.regrowth == "ma":
         raise ParameterError("make_fsdp_spiel_step: regrowth='ma' is not supported under FSDP: "
                              "SM3's row/column accumulators mix entries that FSDP shards over "
                              "ranks; use regrowth='ag' (with adamw), or make_dist_spiel_step.")
@@ -212,32 +155,28 @@ def make_fsdp_spiel_step(
 
     def fsdp_spiel_step(state: SpielState, batch: Batch) -> tuple[SpielState, dict[str, float]]:
         t = state.step + 1
-        next_regrow = -(-t // update_every) * update_every  # the first regrowth step >= t
-        regrow_now = t == next_regrow and t < total_steps
-        in_window = next_regrow - t < accumulate_steps and next_regrow < total_steps
-        with torch.no_grad():
-            for n, layer in layers.items():
-                layer.support.copy_(state.support[n])
+        window = config.accumulates_at(t)
+        _write_supports(layers, state.support)
         for w in weights.values():  # FSDP then reduce-scatters dL/dW too (AG's gradient)
-            w.requires_grad_(in_window)
+            w.requires_grad_(window)
         try:
             grads, value = _forward_backward(model, params, state.values, batch, loss)
         finally:
             for w in weights.values():
                 w.requires_grad_(False)
-        grad_acc = _accumulate(state.grad_acc, weights, state.values) if in_window else (
+        grad_acc = _accumulate(state.grad_acc, weights, state.values) if window else (
             state.grad_acc)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.values)
         values = {n: v.detach() for n, v in apply_updates(state.values, updates).items()}
         state = state._replace(values=values, opt_state=opt_state, step=t, grad_acc=grad_acc)
         mean = all_reduce_mean({"l": value.reshape(1)}, group)["l"]
-        metrics = {"loss": float(mean), "step": float(t), "fraction": 0.0, "regrown": 0.0}
-        if regrow_now:
-            fraction = prune_fraction(t, total_steps, initial=initial_fraction, schedule=schedule)
-            state, regrown = _regrow(state, fraction, layers)
+        sums = state.grad_acc  # (out, in) sharded sums: each gathered whole, one at a time
+        state, regrown = regrow_if_due(config, state,
+                                       lambda n: full_tensor(sums[n]).reshape(-1).abs())
+        if config.regrows_at(t):
+            _write_supports(layers, state.support)
             if check_supports:
                 assert_replicated(state.support, group, what="SpIEL support")
-            metrics.update(fraction=fraction, regrown=float(regrown))
-        return state, metrics
+        return state, {"loss": float(mean), "step": float(t), **regrown}
 
     return fsdp_spiel_step

@@ -109,7 +109,8 @@ def make_dist_spiel_step(
         check_supports: After each regrowth, verify with :func:`assert_replicated` that
             all ranks hold the same support (one 32-byte all-gather).
         **spiel_kwargs: ``total_steps``, ``regrowth``, ``update_every``,
-            ``accumulate_steps``, ``initial_fraction``, ``schedule``.
+            ``accumulate_steps``, ``initial_fraction``, ``schedule``: the fields of the
+            :class:`~spdelta.train.SpielConfig` the single-process step uses.
 
     Returns:
         ``spiel_step(state, local_batch) -> (state, metrics)``; ``loss`` is the rank mean.

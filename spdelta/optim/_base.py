@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Annotated, Any, NamedTuple, TypeAlias, get_type_hints
 
 import torch
 from torch import Tensor
 
-from spdelta.types import Values, is_plain
+from spdelta.types import Support, Values, is_plain
 
-__all__ = ["Transform", "apply_updates", "chain", "empty_like_flat"]
+__all__ = ["EntryValues", "StateSupport", "Transform", "apply_updates", "chain",
+           "empty_like_flat", "is_state", "state_fields"]
+
+#: Annotation of an optimizer-state field that holds one entry per delta value (name ->
+#: 1-D tensor aligned with the support): a support change remaps it entry by entry.
+EntryValues: TypeAlias = Annotated[Values, "spdelta.per_entry"]
+#: Annotation of an optimizer-state field that holds the support itself (name -> indices):
+#: a support change replaces it with the new support.
+StateSupport: TypeAlias = Annotated[Support, "spdelta.support"]
 
 InitFn = Callable[[Values], Any]
 UpdateFn = Callable[[Values, Any, Values], tuple[Values, Any]]
@@ -27,6 +36,47 @@ class Transform(NamedTuple):
 
     init: InitFn
     update: UpdateFn
+
+
+def is_state(x: object) -> bool:
+    """Whether ``x`` is a state record: a ``NamedTuple`` instance (not a plain tuple).
+
+    Example:
+        >>> from spdelta.optim import AdamWState
+        >>> is_state(AdamWState({}, {}, {})), is_state(({}, {}))
+        (True, False)
+    """
+    return isinstance(x, tuple) and hasattr(type(x), "_fields")
+
+
+@functools.cache
+def state_fields(cls: type) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The fields of a state class annotated :data:`EntryValues` and :data:`StateSupport`.
+
+    An optimizer state (a ``NamedTuple``) says in its annotations which fields follow
+    the support; everything that moves or stores states generically
+    (:func:`~spdelta.optim.remap_state`, the training checkpoints) reads them here, so a
+    new optimizer needs no change elsewhere. The class must be defined at module level
+    (its annotations are resolved in its module).
+
+    Args:
+        cls: A ``NamedTuple`` class.
+
+    Returns:
+        ``(per_entry, support)``: field names, in declaration order.
+
+    Example:
+        >>> from spdelta.optim import AdamWState, SM3State
+        >>> state_fields(AdamWState), state_fields(SM3State)
+        ((('steps', 'mu', 'nu'), ()), (('momentum',), ('support',)))
+    """
+    hints = get_type_hints(cls, include_extras=True)
+    names = getattr(cls, "_fields", ())
+
+    def marked(tag: str) -> tuple[str, ...]:
+        return tuple(f for f in names if tag in getattr(hints.get(f), "__metadata__", ()))
+
+    return marked("spdelta.per_entry"), marked("spdelta.support")
 
 
 def apply_updates(params: Values, updates: Values) -> Values:

@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import torch
 
-from spdelta.optim._base import Transform, empty_like_flat
+from spdelta.optim._base import EntryValues, Transform, empty_like_flat
 from spdelta.optim.schedules import Schedule
 from spdelta.rules import accumulate_dtype
 from spdelta.types import Values
@@ -27,11 +27,14 @@ class AdamWState(NamedTuple):
         num_updates: Number of updates this state has taken (a Python int): the step a
             learning-rate schedule is evaluated at. Unlike ``steps`` it is global, so
             regrowth does not reset it.
+
+    ``steps``, ``mu`` and ``nu`` are annotated :data:`~spdelta.optim.EntryValues`: a
+    support change remaps them entry by entry (:func:`~spdelta.optim.remap_state`).
     """
 
-    steps: Values
-    mu: Values
-    nu: Values
+    steps: EntryValues
+    mu: EntryValues
+    nu: EntryValues
     num_updates: int = 0
 
 

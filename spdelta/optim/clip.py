@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.distributed.tensor import DTensor
 
+from spdelta._ranks import full_tensor
 from spdelta.errors import ParameterError
 from spdelta.optim._base import Transform
 from spdelta.types import Values
 
 __all__ = ["clip_by_global_norm", "global_norm"]
-
-
-def _whole(t: Tensor) -> Tensor:
-    # The norm of a sharded DTensor is a partial result; full_tensor() reduces it over ranks.
-    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def global_norm(grads: Values) -> Tensor:
@@ -35,7 +30,8 @@ def global_norm(grads: Values) -> Tensor:
         >>> float(global_norm({"a": torch.tensor([3.0]), "b": torch.tensor([0.0, 4.0])}))
         5.0
     """
-    norms = [_whole(torch.linalg.vector_norm(g, 2)) for g in grads.values()]
+    # The norm of a sharded DTensor is a partial result; full_tensor() reduces it over ranks.
+    norms = [full_tensor(torch.linalg.vector_norm(g, 2)) for g in grads.values()]
     if not norms:
         return torch.zeros(())
     device = norms[0].device

@@ -9,10 +9,10 @@ import torch
 from torch import Tensor
 
 from spdelta.errors import KeyMismatchError, ParameterError, format_names
-from spdelta.optim._base import Transform
+from spdelta.optim._base import EntryValues, StateSupport, Transform
 from spdelta.optim.schedules import Schedule
 from spdelta.rules import accumulate_dtype
-from spdelta.types import Shape, Support, Values
+from spdelta.types import Shape, Values
 
 __all__ = ["SM3State", "sm3", "unravel"]
 
@@ -32,12 +32,16 @@ class SM3State(NamedTuple):
             regrowth.
         momentum: Name -> momentum buffer aligned with the values; an empty dict when
             the factory's ``momentum`` is 0.
+
+    ``support`` is annotated :data:`~spdelta.optim.StateSupport` and ``momentum``
+    :data:`~spdelta.optim.EntryValues`, so :func:`~spdelta.optim.remap_state` replaces
+    the one and remaps the other when the support changes.
     """
 
     steps: int
-    support: Support
+    support: StateSupport
     accumulators: dict[str, tuple[Tensor, ...]]
-    momentum: Values
+    momentum: EntryValues
 
 
 def unravel(indices: Tensor, shape: Shape) -> tuple[Tensor, ...]:

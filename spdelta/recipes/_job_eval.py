@@ -27,7 +27,7 @@ from spdelta.errors import DataError, ParameterError
 from spdelta.recipes._job_config import TrainConfig
 from spdelta.recipes.data import load_table
 from spdelta.recipes.evaluate import evaluate_pairs
-from spdelta.train._spiel_io import SpielState
+from spdelta.train import SpielState
 
 Forward = Callable[[dict[str, Any]], torch.Tensor]
 

@@ -27,8 +27,8 @@ from spdelta.format.constants import KEY_BASE_MODEL, KEY_FINGERPRINT, KEY_TRAINI
 from spdelta.recipes._job_config import TrainConfig
 from spdelta.recipes._job_dir import ckpt_dir, mark, outputs, remove_checkpoint
 from spdelta.recipes._job_run import Run
+from spdelta.train import SpielState
 from spdelta.train._defaults import default_lr
-from spdelta.train._spiel_io import SpielState
 
 # Fields that change how a run is executed, not what it computes: free to differ on resume.
 RUN_ONLY = frozenset({"checkpoint_every", "checkpoint_dir", "resume", "stop_after", "progress",

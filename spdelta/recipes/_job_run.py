@@ -13,8 +13,8 @@ from spdelta.recipes._job_data import JobData
 from spdelta.recipes._job_eval import EvalHook
 from spdelta.recipes._job_targets import JobTargets
 from spdelta.recipes.data import batch_to
+from spdelta.train import SpielState
 from spdelta.train._accum import MicroBatches
-from spdelta.train._spiel_io import SpielState
 
 __all__ = ["Batch", "Run", "StepFn"]
 

@@ -26,9 +26,9 @@ from spdelta.recipes._job_config import TrainConfig
 from spdelta.recipes._job_run import Batch, StepFn
 from spdelta.salience import score
 from spdelta.select import budgets, select_topk
+from spdelta.train import SpielState
 from spdelta.train._defaults import default_lr
 from spdelta.train._loop import TrainState, clipped, learning_rate, make_train_step
-from spdelta.train._spiel_io import SpielState
 from spdelta.train.spiel import make_spiel_step
 from spdelta.types import Params, Support
 

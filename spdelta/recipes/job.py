@@ -47,7 +47,7 @@ from spdelta.recipes._job_steps import (
     select_support,
 )
 from spdelta.recipes._job_targets import job_targets, say_support, say_targets
-from spdelta.train._spiel_io import SpielState
+from spdelta.train import SpielState
 from spdelta.train.spiel import random_support
 
 __all__ = ["TrainConfig", "train_job"]

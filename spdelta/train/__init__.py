@@ -18,13 +18,13 @@ from spdelta.train._loop import (
     make_train_step,
     run_steps,
 )
+from spdelta.train.checkpoint import load_state, save_state
 from spdelta.train.speft import TRAINING_KEY, speft
 from spdelta.train.spiel import (
+    SpielConfig,
     SpielState,
-    load_state,
     make_spiel_step,
     prune_regrow,
-    save_state,
     spiel,
     spiel_init,
 )
@@ -34,6 +34,7 @@ __all__ = [
     "DEFAULT_SCHEDULE",
     "DEFAULT_WARMUP",
     "MicroBatches",
+    "SpielConfig",
     "SpielState",
     "TRAINING_KEY",
     "TrainState",

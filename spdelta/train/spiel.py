@@ -7,11 +7,11 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -19,147 +19,30 @@ from torch import Tensor, nn
 from spdelta.delta import SparseDelta
 from spdelta.errors import ParameterError, SpdeltaError
 from spdelta.functional import LossFn, eager_grad_and_value, make_loss_fn
-from spdelta.optim import (
-    SM3State,
-    Transform,
-    adamw,
-    apply_updates,
-    remap_state,
-    sm3,
-)
+from spdelta.optim import SM3State, Transform, adamw, apply_updates, sm3
 from spdelta.rules import KEY_TRAINING as TRAINING_KEY
-from spdelta.rules import budget, topk_indices
+from spdelta.targets import resolve_targets
 from spdelta.train._accum import MicroBatches, accumulate
 from spdelta.train._defaults import DEFAULT_SCHEDULE, DEFAULT_WARMUP, default_lr
 from spdelta.train._loop import clipped, learning_rate
-from spdelta.train._spiel_io import SpielState, load_state, save_state
+from spdelta.train._spiel_core import (
+    PruneRegrowResult,
+    Regrowth,
+    Schedule,
+    SpielConfig,
+    SpielState,
+    prune_fraction,
+    prune_regrow,
+    random_support,
+    regrow_if_due,
+)
+from spdelta.train.checkpoint import load_state, save_state
 from spdelta.types import Params, Shape, Support, Values
 
-__all__ = ["PruneRegrowResult", "SpielState", "load_state", "make_spiel_step", "prune_fraction",
-           "prune_regrow", "random_support", "save_state", "spiel", "spiel_init"]
+__all__ = ["PruneRegrowResult", "SpielConfig", "SpielState", "load_state", "make_spiel_step",
+           "prune_fraction", "prune_regrow", "random_support", "save_state", "spiel", "spiel_init"]
 
-Regrowth = Literal["ag", "ma"]
 LRSchedule = Callable[[int], float]
-Schedule = Literal["linear", "cosine"]
-
-
-class PruneRegrowResult(NamedTuple):
-    """Result of :func:`prune_regrow` for one tensor.
-
-    Attributes:
-        support: New 1-D int64 sorted unique indices, same length as the old ones.
-        values: New values aligned with ``support``: survivors keep theirs, regrown are 0.
-        kept: Bool mask over the *old* entries: True where the entry survived.
-        grown: Bool mask over the *new* entries: True where the entry was regrown.
-    """
-
-    support: Tensor
-    values: Tensor
-    kept: Tensor
-    grown: Tensor
-
-
-def prune_regrow(
-    support: Tensor, values: Tensor, scores: Tensor, *, fraction: float
-) -> PruneRegrowResult:
-    """Drop the ``k`` entries with the smallest ``|value|``, grow the ``k`` best-scored new ones.
-
-    ``k = min(floor(fraction * nnz), numel - nnz)``. Candidates for regrowth are the
-    positions outside the *old* support (so a pruned entry cannot come straight back);
-    the ``k`` with the largest ``scores`` are taken. Ties go to the lower old position
-    (pruning) and to the lower flat index (regrowth), so the result is deterministic.
-
-    Args:
-        support: 1-D int64 sorted unique flat indices, length ``nnz``.
-        values: 1-D values aligned with ``support``.
-        scores: 1-D dense regrowth scores, length ``numel`` of the tensor (e.g. ``|sum
-            of gradients|`` for AG or ``prod of SM3 accumulators`` for MA); finite.
-        fraction: Fraction of the active entries to replace, in ``[0, 1]``.
-
-    Returns:
-        A :class:`PruneRegrowResult`; inputs are not modified.
-
-    Raises:
-        ParameterError: ``fraction`` is outside ``[0, 1]``.
-
-    Example:
-        >>> import torch
-        >>> r = prune_regrow(torch.tensor([0, 2, 3]), torch.tensor([0.5, -0.1, 2.0]),
-        ...                  torch.tensor([0.0, 9.0, 0.0, 0.0, 1.0]), fraction=0.34)
-        >>> r.support.tolist(), r.values.tolist(), r.kept.tolist(), r.grown.tolist()
-        ([0, 1, 3], [0.5, 0.0, 2.0], [True, False, True], [False, True, False])
-    """
-    if not 0.0 <= fraction <= 1.0:
-        raise ParameterError(f"prune_regrow: fraction must lie in [0, 1]; found {fraction}.")
-    nnz, numel = support.numel(), scores.numel()
-    k = min(math.floor(fraction * nnz), numel - nnz)
-    kept = torch.ones(nnz, dtype=torch.bool, device=support.device)
-    if k <= 0:
-        return PruneRegrowResult(support, values, kept, torch.zeros_like(kept))
-    kept[torch.sort(values.abs(), stable=True).indices[:k]] = False
-    masked = scores.index_fill(0, support, -math.inf)  # (numel,), the old support excluded
-    grow = topk_indices(masked, k)
-    new_support, order = torch.sort(torch.cat([support[kept], grow]))
-    new_values = torch.cat([values[kept], values.new_zeros(k)])[order]
-    grown = torch.cat([torch.zeros(nnz - k, dtype=torch.bool, device=support.device),
-                       torch.ones(k, dtype=torch.bool, device=support.device)])[order]
-    return PruneRegrowResult(new_support, new_values, kept, grown)
-
-
-def prune_fraction(
-    step: int, total: int, *, initial: float = 0.2, schedule: Schedule = "linear"
-) -> float:
-    """The fraction of active entries replaced at ``step`` of ``total``: anneals ``initial -> 0``.
-
-    ``linear``: ``initial * (1 - step/total)``; ``cosine``: ``initial * (1 + cos(pi *
-    step/total)) / 2``.
-
-    Example:
-        >>> prune_fraction(50, 100), prune_fraction(50, 100, schedule="cosine")
-        (0.1, 0.1)
-    """
-    x = min(max(step / total, 0.0), 1.0) if total > 0 else 1.0
-    if schedule == "linear":
-        return initial * (1.0 - x)
-    if schedule == "cosine":
-        return initial * 0.5 * (1.0 + math.cos(math.pi * x))
-    raise ParameterError(f"schedule must be 'linear' or 'cosine'; found {schedule!r}.")
-
-
-def random_support(shapes: Mapping[str, Shape | torch.Size], *, density: float,
-                   generator: torch.Generator, device: torch.device | str | None = None) -> Support:
-    """Draw, per tensor, ``floor(density * numel + 0.5)`` distinct positions uniformly.
-
-    The budget is per tensor: every tensor gets the same density. Tensors are drawn in
-    sorted name order, so the result depends only on the generator's state.
-
-    Args:
-        shapes: Name -> dense shape.
-        density: Fraction in ``[0, 1]``.
-        generator: The source of randomness (CPU generator).
-        device: Where the indices go.
-
-    Returns:
-        Name -> 1-D int64 sorted unique flat indices.
-
-    Raises:
-        ParameterError: ``density`` is outside ``[0, 1]``.
-
-    Example:
-        >>> import torch
-        >>> gen = torch.Generator().manual_seed(0)
-        >>> s = random_support({"w": (4, 5)}, density=0.25, generator=gen)
-        >>> s["w"].numel(), bool((s["w"][1:] > s["w"][:-1]).all())
-        (5, True)
-    """
-    if not 0.0 <= density <= 1.0:
-        raise ParameterError(f"density must lie in [0, 1]; found {density}.")
-    out = {}
-    for name in sorted(shapes):
-        numel = math.prod(shapes[name])
-        k = budget(density, numel)
-        out[name] = torch.sort(torch.randperm(numel, generator=generator)[:k]).values.to(device)
-    return out
 
 
 def spiel_init(values: Values, support: Support, optimizer: Transform, *,
@@ -240,21 +123,6 @@ def _dense_grads(loss_fn: LossFn, state: SpielState, base: Params, batch: Mappin
     return support, dense, loss.detach()
 
 
-def _regrow(state: SpielState, base: Params, regrowth: Regrowth, fraction: float
-            ) -> tuple[Values, Support, Any, int]:
-    values, support = dict(state.values), dict(state.support)
-    regrown = 0
-    for n in sorted(support):
-        if regrowth == "ag":
-            scores = state.grad_acc[n].abs()
-        else:
-            scores = _ma_scores(state.opt_state, n, tuple(base[n].shape))
-        res = prune_regrow(support[n], values[n], scores, fraction=fraction)
-        values[n], support[n] = res.values, res.support
-        regrown += int(res.grown.sum())
-    return values, support, remap_state(state.opt_state, state.support, support), regrown
-
-
 def make_spiel_step(
     loss_fn: LossFn,
     base: Params,
@@ -272,11 +140,14 @@ def make_spiel_step(
     ``batch`` is one batch, or a :class:`~spdelta.train.MicroBatches` whose gradients
     (the dense AG gradients too) are accumulated before the update.
 
-    Step ``t`` (1-based, after the update) is a *regrowth step* when ``t % update_every
-    == 0`` and ``t < total_steps``. There, per tensor (budgets are per tensor: each keeps
-    its ``nnz``), :func:`prune_regrow` replaces ``prune_fraction(t, total_steps)`` of the
-    entries and the optimizer state is remapped (:func:`~spdelta.optim.remap_state`):
-    survivors keep value and state, regrown entries start at 0 with zero state.
+    The hyperparameters make a :class:`SpielConfig` (the schedule, checked once, shared
+    with the DDP and FSDP2 steps): step ``t`` (1-based, after the update) is a
+    *regrowth step* when ``t % update_every == 0`` and ``t < total_steps``. There, per
+    tensor (budgets are per tensor: each keeps its ``nnz``), :func:`prune_regrow`
+    replaces ``prune_fraction(t, total_steps)`` of the entries and the optimizer state
+    is remapped (:func:`~spdelta.optim.remap_state`, for any optimizer whose state
+    declares its per-entry fields): survivors keep value and state, regrown entries
+    start at 0 with zero state.
 
     Regrowth scores: ``"ag"`` sums the dense gradient of each target weight over the
     ``accumulate_steps`` steps ending at the regrowth step (one backward pass gives both
@@ -322,27 +193,23 @@ def make_spiel_step(
         >>> state.support["weight"].tolist(), state.values["weight"][0].item(), metrics["regrown"]
         ([1, 2], 0.0, 1.0)
     """
-    if regrowth not in ("ag", "ma"):
-        raise ParameterError(f"regrowth must be 'ag' or 'ma'; found {regrowth!r}.")
-    if update_every < 1 or not 1 <= accumulate_steps <= update_every or total_steps < 0:
-        raise ParameterError(f"need update_every >= 1, 1 <= accumulate_steps <= update_every and "
-                             f"total_steps >= 0; found update_every={update_every}, "
-                             f"accumulate_steps={accumulate_steps}, total_steps={total_steps}.")
-    prune_fraction(0, total_steps, initial=initial_fraction, schedule=schedule)  # validates
-    if not 0.0 <= initial_fraction <= 1.0:
-        raise ParameterError(f"initial_fraction must lie in [0, 1]; found {initial_fraction}.")
+    config = SpielConfig(total_steps=total_steps, regrowth=regrowth, update_every=update_every,
+                         accumulate_steps=accumulate_steps, initial_fraction=initial_fraction,
+                         schedule=schedule)
     # A base that requires a gradient (e.g. ``dict(model.named_parameters())``) would make
     # the fast kernel build a dense dL/dW on every step; only the AG window asks for one.
     base = {n: t.detach() for n, t in base.items()}
 
+    def scores(state: SpielState) -> Callable[[str], Tensor]:
+        if config.regrowth == "ag":
+            return lambda n: state.grad_acc[n].abs()
+        return lambda n: _ma_scores(state.opt_state, n, tuple(base[n].shape))
+
     def spiel_step(state: SpielState, batch: Mapping[str, Any] | MicroBatches
                    ) -> tuple[SpielState, dict[str, float]]:
         t = state.step + 1
-        next_regrow = -(-t // update_every) * update_every  # the first regrowth step >= t
-        regrow_now = t == next_regrow and t < total_steps
-        in_window = next_regrow - t < accumulate_steps and next_regrow < total_steps
         grad_acc = state.grad_acc
-        if regrowth == "ag" and in_window:
+        if config.accumulates_at(t):
             grads, g_dense, loss = accumulate(lambda b: _dense_grads(loss_fn, state, base, b),
                                               batch)
             grad_acc = {n: grad_acc[n] + g if n in grad_acc else g for n, g in g_dense.items()}
@@ -352,13 +219,8 @@ def make_spiel_step(
         updates, opt_state = optimizer.update(grads, state.opt_state, state.values)
         state = state._replace(values=apply_updates(state.values, updates), opt_state=opt_state,
                                step=t, grad_acc=grad_acc)
-        metrics = {"loss": float(loss.detach()), "step": float(t), "fraction": 0.0, "regrown": 0.0}
-        if regrow_now:
-            fraction = prune_fraction(t, total_steps, initial=initial_fraction, schedule=schedule)
-            values, support, opt_state, regrown = _regrow(state, base, regrowth, fraction)
-            state = state._replace(values=values, support=support, opt_state=opt_state, grad_acc={})
-            metrics.update(fraction=fraction, regrown=float(regrown))
-        return state, metrics
+        state, regrown = regrow_if_due(config, state, scores(state))
+        return state, {"loss": float(loss.detach()), "step": float(t), **regrown}
 
     return spiel_step
 
@@ -372,30 +234,30 @@ def _next_batch(it: Iterator[Any], steps: int) -> Any:
 
 
 def _start(base: Params, shapes: dict[str, Shape], *, density: float, lr: LRSchedule,
-           max_grad_norm: float | None, regrowth: Regrowth, optimizer: str,
+           max_grad_norm: float | None, config: SpielConfig, optimizer: str,
            generator: torch.Generator, checkpoint: str | None) -> tuple[SpielState, Transform]:
     """The initial state (random support, zero values) or the checkpoint's, and the optimizer."""
     if optimizer not in ("auto", "adamw", "sm3"):
         raise ParameterError(f"optimizer must be 'auto', 'adamw' or 'sm3'; found {optimizer!r}.")
+    if config.regrowth == "ma" and optimizer == "adamw":
+        raise ParameterError("regrowth='ma' scores candidates by SM3 accumulators; use "
+                             "optimizer='sm3' (or 'auto'), or regrowth='ag' with adamw.")
     support = {n: i.to(base[n].device) for n, i in
                random_support(shapes, density=density, generator=generator).items()}
     values = {n: torch.zeros(s.numel(), dtype=base[n].dtype, device=s.device)
               for n, s in support.items()}
-    kind = ("sm3" if regrowth == "ma" else "adamw") if optimizer == "auto" else optimizer
+    kind = ("sm3" if config.regrowth == "ma" else "adamw") if optimizer == "auto" else optimizer
     opt = clipped(sm3(lr, support=support, shapes=shapes) if kind == "sm3" else adamw(lr),
                   max_grad_norm)
     state = spiel_init(values, support, opt, generator=generator)
     if checkpoint is not None and os.path.exists(checkpoint):
-        state = load_state(checkpoint)
+        state = load_state(checkpoint, template=state)
+        if not isinstance(state, SpielState):
+            raise SpdeltaError(f"spiel: {checkpoint!r} holds a {type(state).__name__}, not the "
+                               "SpielState of a spiel() run; pass another checkpoint path.")
         if state.rng_state is not None:
             generator.set_state(state.rng_state)
     return state, opt
-
-
-def _resolve(model: nn.Module, targets: Sequence[str] | str) -> list[str]:
-    from spdelta.targets import resolve_targets
-
-    return resolve_targets(model, targets)
 
 
 def spiel(
@@ -482,18 +344,19 @@ def spiel(
     from tqdm.auto import tqdm
 
 
-    names = _resolve(model, targets)
+    config = SpielConfig(total_steps=steps, regrowth=regrowth, update_every=update_every,
+                         accumulate_steps=accumulate_steps, initial_fraction=initial_fraction,
+                         schedule=schedule)
+    names = resolve_targets(model, targets)
     shapes = {n: tuple(base[n].shape) for n in names}
     lr = default_lr("spiel") if lr is None else lr
     rate = learning_rate(lr, schedule=lr_schedule, warmup=warmup, total_steps=steps)
     state, opt = _start(base, shapes, density=density, lr=rate, max_grad_norm=max_grad_norm,
-                        regrowth=regrowth, optimizer=optimizer, generator=generator,
+                        config=config, optimizer=optimizer, generator=generator,
                         checkpoint=checkpoint)
     # The fast path takes NF4 targets too: it dequantises them per op, keeping no dense W.
     loss_fn = make_loss_fn(model, loss, impl="fast")
-    step_fn = make_spiel_step(loss_fn, base, opt, total_steps=steps, regrowth=regrowth,
-                              update_every=update_every, accumulate_steps=accumulate_steps,
-                              initial_fraction=initial_fraction, schedule=schedule)
+    step_fn = make_spiel_step(loss_fn, base, opt, **dataclasses.asdict(config))
     log: list[dict[str, float]] = []
     it = iter(batches)
     for _ in range(state.step):  # replay: skip the batches the saved run consumed
@@ -509,10 +372,9 @@ def spiel(
                 save_state(state, checkpoint)
     # The settings go in the training record, like speft's: a key such as
     # "spdelta.spiel.regrowth" is reserved by the format (spec V4) and the file would not save.
-    record = {"method": "spiel", "regrowth": regrowth, "optimizer": optimizer,
-              "density": density, "steps": steps, "lr": lr, "lr_schedule": lr_schedule,
-              "warmup": warmup, "max_grad_norm": max_grad_norm, "update_every": update_every,
-              "accumulate_steps": accumulate_steps, "initial_fraction": initial_fraction,
-              "schedule": schedule}
+    record = {"method": "spiel", "optimizer": optimizer, "density": density, "steps": steps,
+              "lr": lr, "lr_schedule": lr_schedule, "warmup": warmup,
+              "max_grad_norm": max_grad_norm, **dataclasses.asdict(config)}
+    del record["total_steps"]  # it is ``steps``
     meta = {TRAINING_KEY: json.dumps(record, sort_keys=True)}
     return SparseDelta.from_support(state.support, state.values, shapes, metadata=meta), log

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from spdelta.errors import KeyMismatchError, SpdeltaError
 from spdelta.optim import AdamWState, SM3State, adamw, apply_updates, chain, remap_state, sm3
-from spdelta.optim.reset import locate, remap_adamw_state, remap_values
+from spdelta.optim.reset import locate, remap_values
 
 sets = st.sets(st.integers(0, 60), max_size=25)
 
@@ -33,7 +33,7 @@ def test_adamw_survivors_keep_moments_newcomers_start_at_zero() -> None:
     params = {"w": torch.ones(3), "b": torch.ones(1)}
     state = opt.init(params)
     _, state = opt.update({"w": torch.tensor([1.0, 2.0, 3.0]), "b": torch.ones(1)}, state, params)
-    out = remap_adamw_state(state, old, new)
+    out = remap_state(state, old, new)
     assert out.steps["w"].tolist() == [0, 1, 0] and out.steps["b"].tolist() == [1]
     torch.testing.assert_close(out.mu["w"], torch.tensor([0.0, 0.2, 0.0]))
     torch.testing.assert_close(out.nu["w"], torch.tensor([0.0, 0.004, 0.0]))
@@ -97,14 +97,3 @@ def test_regrown_entries_get_fresh_adam_bias_correction() -> None:
                          {"w": params["w"][[1]]})
     torch.testing.assert_close(updates["w"][[1]], cont["w"], rtol=0, atol=0)
     assert after.steps["w"].tolist() == [1, 6, 1]
-
-
-def test_state_tree_reads_a_shared_count() -> None:
-    """Files written before per-entry steps hold one ``count``; each entry gets it."""
-    from spdelta.optim.reset import state_from_tree
-
-    tree = {"type": "AdamWState", "count": 4, "mu": {"w": torch.zeros(3)},
-            "nu": {"w": torch.zeros(3)}}
-    assert state_from_tree(tree).steps["w"].tolist() == [4, 4, 4]
-    sm3_tree = {"type": "SM3State", "count": 2, "support": {}, "accumulators": {}, "momentum": {}}
-    assert state_from_tree(sm3_tree).steps == 2

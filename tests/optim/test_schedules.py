@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from spdelta.optim import (
     sm3,
     warmup_schedule,
 )
-from spdelta.optim.reset import state_from_tree, state_to_tree
+from spdelta.train import TrainState, load_state, save_state
 
 
 def closed_form(kind: str, t: int, lr: float, total: int, w: int) -> float:
@@ -133,16 +134,14 @@ def test_sm3_follows_the_schedule_by_its_step_count() -> None:
     assert sizes == pytest.approx([0.0, 0.5 / math.sqrt(2), 1.0 / math.sqrt(3)])
 
 
-def test_count_survives_the_state_tree_and_old_files() -> None:
+def test_count_survives_a_state_file(tmp_path: Path) -> None:
     opt = adamw(1e-3)
     values = {"w": torch.zeros(3)}
     state = opt.init(values)
     for _ in range(5):
         _, state = opt.update({"w": torch.ones(3)}, state, values)
-    assert state_from_tree(state_to_tree(state)).num_updates == 5
-    tree = state_to_tree(state)
-    del tree["count"]  # written before the global count: the largest per-entry count
-    assert state_from_tree(tree).num_updates == 5
+    save_state(TrainState(values, state, 5), tmp_path / "s.st")
+    assert load_state(tmp_path / "s.st").opt_state.num_updates == 5
 
 
 @pytest.mark.parametrize("bad", [

@@ -287,8 +287,14 @@ def test_save_load_roundtrip_and_bad_file(tmp_path) -> None:
     with pytest.raises(SpdeltaError, match="not a spdelta training state"):
         load_state(tmp_path / "x.st")
     save_checkpoint(TrainState({"w": torch.ones(1)}, None, 0), tmp_path / "ck")
-    with pytest.raises(SpdeltaError, match="expected a SpielState"):
-        load_state(tmp_path / "ck" / "state.safetensors")
+    for where in (tmp_path / "ck", tmp_path / "ck" / "state.safetensors"):  # one format
+        assert load_state(where) == TrainState({"w": torch.ones(1)}, None, 0)
+    model = torch.nn.Linear(2, 1, bias=False)
+    with pytest.raises(SpdeltaError, match="holds a TrainState, not the SpielState"):
+        spiel(model, dict(model.named_parameters()), [{"input": torch.ones(1, 2)}],
+              density=0.5, targets="all-linear", steps=1, generator=torch.Generator(),
+              loss=lambda out, b: out.sum(), progress=False,
+              checkpoint=str(tmp_path / "ck" / "state.safetensors"))
     for junk in (b"not a state file", b""):
         (tmp_path / "y.pt").write_bytes(junk)
         with pytest.raises(SpdeltaError, match="readable"):
