@@ -37,6 +37,15 @@ def _to_acc(values: Sequence[Tensor]) -> tuple[list[Tensor], torch.dtype]:
     return [v.to(accumulate_dtype(dtype)) for v in values], dtype
 
 
+def _trimmed(indices: Sequence[Tensor], values: Sequence[Tensor], numel: int,
+             densities: Sequence[float]) -> tuple[list[Tensor], list[Tensor], torch.dtype]:
+    """Each input's largest-magnitude ``density`` share (TIES "trim"), in the accumulation dtype."""
+    acc, dtype = _to_acc(values)
+    kept = [trim_magnitude(i, v, numel=numel, density=d)
+            for i, v, d in zip(indices, acc, densities, strict=True)]
+    return [k[0] for k in kept], [k[1] for k in kept], dtype
+
+
 def _consensus(indices: Sequence[Tensor], values: Sequence[Tensor], weights: Sequence[float],
                *, normalize: bool) -> Pair:
     """TIES elect + disjoint merge (mergekit's ``get_mask(method="sum")`` semantics)."""
@@ -117,10 +126,8 @@ def magnitude_tensor(indices: Sequence[Tensor], values: Sequence[Tensor], *, num
         NeurIPS 2015, https://arxiv.org/abs/1506.02626
     """
     del generator
-    acc, dtype = _to_acc(values)
-    kept = [trim_magnitude(i, v, numel=numel, density=d)
-            for i, v, d in zip(indices, acc, densities, strict=True)]
-    idx, val = union_sum([k[0] for k in kept], [k[1] for k in kept], weights)
+    kept_i, kept_v, dtype = _trimmed(indices, values, numel, densities)
+    idx, val = union_sum(kept_i, kept_v, weights)
     return idx, val.to(dtype)
 
 
@@ -163,10 +170,8 @@ def ties_tensor(indices: Sequence[Tensor], values: Sequence[Tensor], *, numel: i
         NeurIPS 2023, https://arxiv.org/abs/2306.01708
     """
     del generator
-    acc, dtype = _to_acc(values)
-    kept = [trim_magnitude(i, v, numel=numel, density=d)
-            for i, v, d in zip(indices, acc, densities, strict=True)]
-    idx, val = _consensus([k[0] for k in kept], [k[1] for k in kept], weights, normalize=normalize)
+    kept_i, kept_v, dtype = _trimmed(indices, values, numel, densities)
+    idx, val = _consensus(kept_i, kept_v, weights, normalize=normalize)
     return idx, val.to(dtype)
 
 

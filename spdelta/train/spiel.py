@@ -16,6 +16,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from spdelta._progress import tqdm
 from spdelta.delta import SparseDelta
 from spdelta.errors import ParameterError, SpdeltaError
 from spdelta.functional import LossFn, eager_grad_and_value, make_loss_fn
@@ -341,8 +342,6 @@ def spiel(
         >>> delta.nnz, len(log)
         (10, 4)
     """
-    from tqdm.auto import tqdm
-
 
     config = SpielConfig(total_steps=steps, regrowth=regrowth, update_every=update_every,
                          accumulate_steps=accumulate_steps, initial_fraction=initial_fraction,
