@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 from collections import Counter
 from collections.abc import Mapping
@@ -19,7 +20,8 @@ from spdelta.quant.nf4 import is_nf4
 from spdelta.rules import accumulate_dtype
 from spdelta.serve._bank import Part, part_from_indices
 
-__all__ = ["DeltaSource", "ServeError", "Target", "delta_parts", "linear_targets", "read_delta"]
+__all__ = ["DeltaSource", "ServeError", "Target", "delta_parts", "linear_targets", "read_delta",
+           "trim_heap"]
 
 #: A delta file path or an in-memory delta.
 DeltaSource = str | os.PathLike[str] | SparseDelta
@@ -154,3 +156,21 @@ def delta_parts(model: nn.Module, name: str, delta: SparseDelta, targets: Mappin
                                        t.in_features, transposed=t.transposed,
                                        index_dtype=index_dtype)
     return out
+
+
+_LIBC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None) if os.name == "posix" else None
+
+
+def trim_heap() -> None:
+    """Give the C heap's freed pages back to the OS (glibc's ``malloc_trim``; else a no-op).
+
+    Loading cuts every delta into one small tensor per layer before packing them into
+    the banks. glibc keeps those freed chunks in its heap: for 8 deltas of 1 % on
+    SmolLM2-135M about 50 MB stayed resident after loading, measured by VmRSS before
+    and after this call.
+
+    Example:
+        >>> trim_heap()
+    """
+    if _LIBC_TRIM is not None:
+        _LIBC_TRIM(0)

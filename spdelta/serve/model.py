@@ -15,7 +15,14 @@ from spdelta.errors import KeyMismatchError, ShapeError, format_names
 from spdelta.quant.nf4 import is_nf4
 from spdelta.rules import accumulate_dtype
 from spdelta.serve._bank import Bank, Part
-from spdelta.serve._load import DeltaSource, ServeError, delta_parts, linear_targets, read_delta
+from spdelta.serve._load import (
+    DeltaSource,
+    ServeError,
+    delta_parts,
+    linear_targets,
+    read_delta,
+    trim_heap,
+)
 from spdelta.serve._plan import RowPlan, add_products
 
 __all__ = ["DeltaModel"]
@@ -122,6 +129,8 @@ class DeltaModel:
                for n, src in deltas.items()}
         self._rebuild(keep=list(range(len(self._names))), new=list(new.values()))
         self._names += list(new)
+        del new
+        trim_heap()  # the per-layer parts are freed; return their heap pages
 
     def remove(self, name: str) -> None:
         """Unload delta ``name`` (deactivating it first if it is active).

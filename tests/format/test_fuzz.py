@@ -8,8 +8,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from spdelta.errors import SpdeltaError
+from spdelta.errors import ParameterError, SpdeltaError
 from spdelta.format import Problem, load_delta, validate_file
+from spdelta.patch import load_patch
 
 VALID = Path(__file__).resolve().parents[2] / "spec" / "vectors" / "valid"
 SEEDS = [p.read_bytes() for p in sorted(VALID.glob("*.safetensors"))]
@@ -58,6 +59,9 @@ def test_only_spdelta_errors_escape(data: bytes, tmp_path_factory: pytest.TempPa
     assert all(isinstance(p, Problem) for p in problems)
     try:
         load_delta(path)
+    except ParameterError as e:  # a valid patch (format 1.3): load_delta points to load_patch
+        assert problems == [] and "replacement tensor" in str(e)
+        load_patch(path)
     except SpdeltaError as e:
         assert problems and type(e).__name__ == problems[0].error
     else:

@@ -98,12 +98,13 @@ def write_deltas(cfg: dict[str, Any], folder: str) -> list[str]:
     """Save ``deltas`` seeded random deltas for the model; return their paths."""
     from spdelta import SparseDelta, save_delta
     from spdelta.format.constants import KEY_FINGERPRINT
-    from spdelta.hf.model import fingerprint
+    from spdelta.hf import fingerprint
 
     model, _ = load_model(cfg)
     params = {n: p.detach() for n, p in model.named_parameters()}
     names = target_names(model)
     gen = torch.Generator().manual_seed(cfg["seed"])
+    base_fingerprint = fingerprint(model)  # base1: over every tensor of the checkpoint
     paths = []
     for k in range(cfg["deltas"]):
         entries = {}
@@ -112,7 +113,7 @@ def write_deltas(cfg: dict[str, Any], folder: str) -> list[str]:
             idx = torch.randperm(params[n].numel(), generator=gen)[:nnz].sort().values
             entries[n] = (tuple(params[n].shape), idx, torch.randn(nnz, generator=gen) * 1e-3)
         path = os.path.join(folder, f"delta{k}.safetensors")
-        save_delta(SparseDelta(entries, metadata={KEY_FINGERPRINT: fingerprint(params, names)}),
+        save_delta(SparseDelta(entries, metadata={KEY_FINGERPRINT: base_fingerprint}),
                    path)
         paths.append(path)
     return paths
