@@ -131,3 +131,20 @@ def test_nf4_weights_cannot_be_activated(llama: nn.Module,
     with pytest.raises(ServeError, match="cannot merge into NF4 weights"):
         dm.activate("a")
     assert dm.active is None
+
+
+def test_activate_after_the_deltas_change_merges_the_current_delta(
+        make_llama: Callable[..., nn.Module], make_delta: Callable[..., SparseDelta]) -> None:
+    model = make_llama()
+    da, db, dc = (make_delta(model, seed=s) for s in (1, 2, 3))
+    before = bits(model)
+    dm = DeltaModel(model, {"a": da, "b": db})
+    dm.activate("b")  # remembers b's positions in the weights
+    dm.deactivate()
+    dm.remove("b")
+    dm.add({"b": dc})  # a new delta under the old name: nothing of the old one may be reused
+    for name, d in (("b", dc), ("a", da)):
+        dm.activate(name)
+        assert same_bits(bits(model), bits(apply_to_model(model0(before, model), d)))
+    dm.deactivate()
+    assert same_bits(bits(model), before)
