@@ -81,9 +81,9 @@ class DeltaModel:
         self._hooks: dict[str, RemovableHandle] = {}
         self._plan: RowPlan | None = None
         self._active: tuple[str, list[_Record]] | None = None
-        # delta name -> its (flat weight view, flat indices, values) per layer, made by the
-        # first activate and kept until the banks are rebuilt: a swap is then 3 ops a layer
-        self._merges: dict[str, list[_Record]] = {}
+        # delta name -> its (layer, flat indices, values) per layer, made by the first
+        # activate and kept until the banks are rebuilt: a swap is then 3 ops a layer
+        self._merges: dict[str, list[tuple[str, Tensor, Tensor]]] = {}
         if deltas:
             self.add(deltas, check_base=check_base)
 
@@ -278,11 +278,12 @@ class DeltaModel:
             self.deactivate()
         if name not in self._merges:
             self._merges[name] = [
-                (self._targets[n].weight.detach().view(-1),
-                 *b.flat_entries(slot, transposed=self._targets[n].transposed)) for n, b in layers]
+                (n, *b.flat_entries(slot, transposed=self._targets[n].transposed))
+                for n, b in layers]
         records = []
         with torch.no_grad():
-            for flat, indices, values in self._merges[name]:
+            for lname, indices, values in self._merges[name]:
+                flat = self._targets[lname].weight.detach().view(-1)  # the weight as it is now
                 displaced = flat.index_select(0, indices)
                 if flat.dtype == values.dtype:  # w + v in the weight's own dtype
                     flat.index_add_(0, indices, values)
