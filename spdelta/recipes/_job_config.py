@@ -144,6 +144,9 @@ def check_config(cfg: TrainConfig) -> None:
     Raises:
         ParameterError: A setting is out of its range (every float must be finite).
     """
+    if cfg.model.startswith(("/", ".", "~")) and not Path(cfg.model).expanduser().is_dir():
+        raise ParameterError(f"--model: expected a checkpoint directory or a hub id; "
+                             f"{cfg.model!r} is not a directory.")
     if cfg.method not in ("speft", "spiel"):
         raise ParameterError(f"method: expected 'speft' or 'spiel'; found {cfg.method!r}.")
     if cfg.density is not None and cfg.lora_rank is not None:

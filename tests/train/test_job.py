@@ -340,3 +340,12 @@ def test_eval_split_of_a_dataset_directory(tiny_lm_dir: str, tmp_path: Path) -> 
     log = _log(out)
     assert [r["step"] for r in log["log"] if "eval_loss" in r] == [1, 2]  # 2 // 10 -> every step
     assert "eval_accuracy" not in log["summary"] and log["summary"]["eval_loss"] > 0
+
+
+def test_a_missing_model_directory_is_one_line(data_dir: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    assert _train(str(tmp_path / "no-such-ckpt"), data_dir / "sums.jsonl", tmp_path / "o.st",
+                  "--steps", "1") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a directory" in err[0] and "--model" in err[0]
+    assert not (tmp_path / "o.st").exists()
